@@ -1,0 +1,26 @@
+# The two commands of the README:
+#   make quickstart   set up .venv (if not current) and run the main job
+#   make test         set up .venv (if not current) and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: quickstart test setup clean-venv
+
+setup: $(STAMP)
+
+# Reinstall only when what we install changed: a second `make test` starts in seconds.
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e '.[test]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/diffdistill quickstart
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider
+
+clean-venv:
+	rm -rf $(VENV)

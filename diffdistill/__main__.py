@@ -1,0 +1,3 @@
+from diffdistill.cli import main
+
+raise SystemExit(main())

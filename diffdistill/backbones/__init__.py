@@ -1,0 +1,68 @@
+"""Adapters from diffusers models to one call, ``backbone(x_t, model_timestep, cond) -> raw output``.
+
+``cond`` is a plain dict of tensors (see :mod:`diffdistill.conditioning`); each family reads the
+keys it needs. Supported families, and the diffusers classes they wrap:
+
+* ``unet``   -- ``UNet2DConditionModel``: SD 1.5 / 2.1, and SDXL's added text/time conditioning
+  (``text_embeds``, ``time_ids``), LCM's ``timestep_cond``.
+* ``dit``    -- ``DiTTransformer2DModel`` (class-conditional DiT; learned-sigma channels dropped).
+* ``pixart`` -- ``PixArtTransformer2DModel`` (text-conditional DiT).
+* ``sd3``    -- ``SD3Transformer2DModel`` (MMDiT, rectified flow).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BACKBONES = {
+    "UNet2DConditionModel": "unet",
+    "DiTTransformer2DModel": "dit",
+    "PixArtTransformer2DModel": "pixart",
+    "SD3Transformer2DModel": "sd3",
+}
+
+
+def backbone_kind(model: torch.nn.Module) -> str:
+    name = type(model).__name__
+    if name not in SUPPORTED_BACKBONES:
+        raise ValueError(
+            f"backbone class {name} is not supported; supported: {', '.join(SUPPORTED_BACKBONES)}"
+        )
+    return SUPPORTED_BACKBONES[name]
+
+
+def _unet(model, x, timestep, cond):
+    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+    return model(
+        x, timestep, encoder_hidden_states=cond["encoder_hidden_states"],
+        added_cond_kwargs=added or None, timestep_cond=cond.get("timestep_cond"), return_dict=False,
+    )[0]
+
+
+def _dit(model, x, timestep, cond):
+    out = model(x, timestep=timestep, class_labels=cond["class_labels"], return_dict=False)[0]
+    # DiT predicts (eps, variance) stacked on channels; the variance half plays no part in distillation.
+    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
+def _pixart(model, x, timestep, cond):
+    out = model(
+        x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=timestep,
+        encoder_attention_mask=cond.get("encoder_attention_mask"),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+    )[0]
+    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
+def _sd3(model, x, timestep, cond):
+    return model(
+        x, encoder_hidden_states=cond["encoder_hidden_states"],
+        pooled_projections=cond["pooled_projections"], timestep=timestep, return_dict=False,
+    )[0]
+
+
+_CALLS = {"unet": _unet, "dit": _dit, "pixart": _pixart, "sd3": _sd3}
+
+
+def call_backbone(kind: str, model, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+    return _CALLS[kind](model, x, timestep, cond)

@@ -1,0 +1,154 @@
+"""Loading teachers from local paths only: a diffusers pipeline folder, or a single file.
+
+Safe by default: weights load from ``.safetensors``; pickle checkpoints (``.bin``, ``.ckpt``,
+``.pt``, ``.pth``) are refused unless the user passes ``allow_pickle=True``, and remote code
+runs only with ``trust_remote_code=True``. Nothing is downloaded: every call is offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffdistill.backbones import SUPPORTED_BACKBONES, backbone_kind
+from diffdistill.schedules import schedule_from_scheduler_config
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+BACKBONE_COMPONENTS = ("unet", "transformer")
+
+
+class CheckpointError(ValueError):
+    """A path that exists but is not something we can load, with the fix in the message."""
+
+
+@dataclass
+class Teacher:
+    """A loaded pipeline and what the engine needs from it."""
+
+    pipe: object             # the diffusers pipeline (text encoders, VAE, scheduler config)
+    backbone: torch.nn.Module
+    component: str           # "unet" or "transformer": where the backbone lives in the pipeline
+    kind: str                # backbone family, see diffdistill.backbones
+    schedule: object
+    prediction_type: str
+    path: str
+
+    def denoiser(self, backbone: torch.nn.Module | None = None):
+        from diffdistill.denoiser import Denoiser
+
+        return Denoiser(self.backbone if backbone is None else backbone, self.schedule, self.prediction_type)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.backbone.config
+        size = cfg.sample_size
+        return (cfg.in_channels, size, size)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors")]
+
+
+def _check_pipeline_folder(path: Path, allow_pickle: bool) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"teacher path {str(path)!r} does not exist; give a local diffusers pipeline folder or a .safetensors file")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        hint = " (it has a config.json: this looks like a single model folder, give the pipeline folder above it)" if (path / "config.json").exists() else ""
+        raise CheckpointError(f"{str(path)!r} is not a diffusion pipeline folder: no model_index.json{hint}")
+    index = json.loads(index_file.read_text())
+    component = next((c for c in BACKBONE_COMPONENTS if index.get(c)), None)
+    if component is None:
+        raise CheckpointError(f"{str(path)!r} has no 'unet' or 'transformer' component in model_index.json")
+    backbone_class = index[component][1]
+    if backbone_class not in SUPPORTED_BACKBONES:
+        raise CheckpointError(f"backbone class {backbone_class} is not supported; supported: {', '.join(SUPPORTED_BACKBONES)}")
+    files = _weight_files(path)
+    if not any(p.suffix == ".safetensors" for p in files) and any(p.suffix in PICKLE_SUFFIXES for p in files):
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{str(path)!r} holds only pickle weights ({', '.join(sorted({p.suffix for p in files}))}), which can run "
+                "arbitrary code when loaded; convert them to .safetensors, or pass allow_pickle=true if you trust the file"
+            )
+    return index
+
+
+def load_teacher(path: str | os.PathLike, *, config: str | None = None, allow_pickle: bool = False,
+                 trust_remote_code: bool = False, torch_dtype=torch.float32) -> Teacher:
+    """Loads a teacher from a local diffusers folder, or a single ``.safetensors`` plus ``config`` folder."""
+    path = Path(path).expanduser()
+    if path.is_file() or path.suffix in PICKLE_SUFFIXES + (".safetensors",):
+        return _load_single_file(path, config, allow_pickle, trust_remote_code, torch_dtype)
+    from diffusers import DiffusionPipeline
+
+    index = _check_pipeline_folder(path, allow_pickle)
+    pipe = DiffusionPipeline.from_pretrained(
+        path, local_files_only=True, use_safetensors=not allow_pickle, dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return _teacher_from_pipe(pipe, index, str(path))
+
+
+def _teacher_from_pipe(pipe, index: dict, path: str) -> Teacher:
+    component = next(c for c in BACKBONE_COMPONENTS if index.get(c))
+    backbone = getattr(pipe, component)
+    backbone.requires_grad_(False).eval()
+    sched_cfg = dict(pipe.scheduler.config)
+    sched_cfg["_class_name"] = type(pipe.scheduler).__name__
+    schedule = schedule_from_scheduler_config(sched_cfg)
+    prediction_type = "flow" if schedule.kind == "flow" else sched_cfg.get("prediction_type", "epsilon")
+    return Teacher(pipe, backbone, component, backbone_kind(backbone), schedule, prediction_type, path)
+
+
+def _load_single_file(path: Path, config: str | None, allow_pickle: bool, trust_remote_code: bool, torch_dtype) -> Teacher:
+    """A single checkpoint: our own diffusers-format backbone weights, or an original SD file.
+
+    ``config`` must be a local pipeline folder whose configs (and other components) describe it.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix != ".safetensors" and not allow_pickle:
+        raise CheckpointError(
+            f"{str(path)!r} is a pickle checkpoint ({path.suffix}), which can run arbitrary code when loaded; "
+            "convert it to .safetensors, or pass allow_pickle=true if you trust the file"
+        )
+    if config is None:
+        raise CheckpointError(
+            f"a single-file checkpoint needs a local config: pass teacher_config=/path/to/pipeline_folder "
+            f"(a diffusers folder of the same architecture) alongside {path.name}"
+        )
+    teacher = load_teacher(config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype)
+    state = load_state_dict_file(path)
+    if any(k.startswith("model.diffusion_model.") for k in state):
+        state = _convert_original_backbone(teacher, path)
+    missing, unexpected = teacher.backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path.name} does not match the {type(teacher.backbone).__name__} described by {config}: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    teacher.path = str(path)
+    return teacher
+
+
+def _convert_original_backbone(teacher: Teacher, path: Path) -> dict:
+    """Original (CompVis / SGM) key layout: let diffusers' single-file loader convert it, offline."""
+    model_class = type(teacher.backbone)
+    model = model_class.from_single_file(str(path), config=teacher.path, subfolder=teacher.component, local_files_only=True)
+    return model.state_dict()
+
+
+def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if not allow_pickle:
+        raise CheckpointError(f"refusing to unpickle {str(path)!r}; convert it to .safetensors or pass allow_pickle=true")
+    return torch.load(str(path), map_location="cpu", weights_only=True)

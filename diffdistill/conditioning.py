@@ -1,0 +1,100 @@
+"""Conditioning as a plain dict of tensors, built by the pipeline's own text encoder(s).
+
+Keys: ``encoder_hidden_states`` (all text models), ``text_embeds`` + ``time_ids`` (SDXL),
+``pooled_projections`` (SD3), ``encoder_attention_mask`` (PixArt), ``class_labels`` (DiT),
+``timestep_cond`` (LCM's guidance embedding). The empty prompt (or DiT's null class) is the
+unconditional input for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _sd(pipe, prompts, device):
+    embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+    return {"encoder_hidden_states": embeds}
+
+
+def _sdxl(pipe, prompts, device):
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False)
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    proj_dim = pipe.text_encoder_2.config.projection_dim
+    time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), embeds.dtype, proj_dim)
+    return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1).to(device)}
+
+
+def _sd3(pipe, prompts, device):
+    t5_length = pipe.tokenizer_3.model_max_length if pipe.tokenizer_3 is not None else 256
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompts, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=t5_length
+    )
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _pixart(pipe, prompts, device):
+    embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+
+def _dit(pipe, prompts, device):
+    """DiT is class-conditional: a 'prompt' is a class id, an id2label name, or '' for the null class."""
+    labels = []
+    names = getattr(pipe, "labels", None) or {}  # DiTPipeline maps each label name to its id
+    for p in prompts:
+        if p == "" or p is None:
+            labels.append(pipe.transformer.config.num_embeds_ada_norm)  # DiT's null class for CFG
+        elif str(p).isdigit():
+            labels.append(int(p))
+        elif str(p) in names:
+            labels.append(names[str(p)])
+        else:
+            raise ValueError(f"DiT is class-conditional; {p!r} is neither a class id nor a label name")
+    return {"class_labels": torch.tensor(labels, device=device, dtype=torch.long)}
+
+
+_ENCODERS = {
+    "StableDiffusionPipeline": _sd,
+    "StableDiffusionXLPipeline": _sdxl,
+    "StableDiffusion3Pipeline": _sd3,
+    "PixArtAlphaPipeline": _pixart,
+    "PixArtSigmaPipeline": _pixart,
+    "DiTPipeline": _dit,
+}
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], device="cpu") -> dict:
+    """Runs the pipeline's own text encoder(s) once; results are float32 and cacheable."""
+    name = type(pipe).__name__
+    if name not in _ENCODERS:
+        raise ValueError(f"no prompt encoder for {name}; supported pipelines: {', '.join(_ENCODERS)}")
+    cond = _ENCODERS[name](pipe, list(prompts), device)
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in cond.items()}
+
+
+def cond_index(cond: dict, index) -> dict:
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cond_cat(*conds: dict) -> dict:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_to(cond: dict, device) -> dict:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+class PromptCache:
+    """Encodes each distinct prompt once (text encoders dominate a tiny model's step otherwise)."""
+
+    def __init__(self, pipe, device="cpu"):
+        self.pipe, self.device, self._cache = pipe, device, {}
+
+    def __call__(self, prompts: list[str]) -> dict:
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            encoded = encode_prompts(self.pipe, missing, self.device)
+            for i, p in enumerate(missing):
+                self._cache[p] = cond_index(encoded, slice(i, i + 1))
+        return cond_cat(*(self._cache[p] for p in prompts))

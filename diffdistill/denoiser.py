@@ -1,0 +1,46 @@
+"""The one way every network is reached: ``x0 = D(x_t, t, cond)`` in float32.
+
+Karras et al. (2022) and k-diffusion's ``Denoiser`` wrap any network as an x0 estimator; we do the
+same over diffusers backbones. The backbone keeps its native prediction type (epsilon,
+v_prediction, sample or flow) and :func:`diffdistill.param.to_x0` converts once, here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffdistill import param
+from diffdistill.backbones import backbone_kind, call_backbone
+from diffdistill.param import append_dims
+
+
+class Denoiser(nn.Module):
+    def __init__(self, backbone: nn.Module, schedule, prediction_type: str):
+        super().__init__()
+        self.backbone = backbone
+        self.kind = backbone_kind(backbone)
+        self.schedule = schedule
+        self.prediction_type = param.check_prediction_type(prediction_type)
+
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The backbone's native output (float32), e.g. for an epsilon-MSE loss."""
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        dtype = next(self.backbone.parameters()).dtype
+        cond = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
+        timestep = self.schedule.model_timestep(t).to(x_t.device)
+        return call_backbone(self.kind, self.backbone, x_t.to(dtype), timestep, cond).float()
+
+    def coefficients(self, t: torch.Tensor, ndim: int):
+        return append_dims(self.schedule.alpha(t), ndim), append_dims(self.schedule.sigma(t), ndim)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        alpha, sigma = self.coefficients(t, x_t.ndim)
+        x_t = x_t.float()
+        return param.to_x0(self.prediction_type, x_t, self.raw(x_t, t, cond), alpha.to(x_t.device), sigma.to(x_t.device))
+
+    def native(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Re-expresses an x0 estimate in this backbone's prediction type (targets for native losses)."""
+        alpha, sigma = self.coefficients(t, x_t.ndim)
+        return param.from_x0(self.prediction_type, x_t.float(), x0, alpha.to(x_t.device), sigma.to(x_t.device))

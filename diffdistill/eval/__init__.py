@@ -1,0 +1,26 @@
+"""Evaluation harness: FID, KID and CLIP score on the COCO text-to-image protocol.
+
+The protocol is GigaGAN's (Kang et al., 2023), the one DMD2 and SiD-LSG report:
+one image per caption, centre-crop on the long edge, PIL LANCZOS to 256 px, then
+clean-fid's "clean" mode (Parmar et al., 2022) with the TF-Inception pool features.
+See ``README_SECTION.md`` beside this file.
+
+Nothing here downloads anything: every weight file is read from a local path and
+a missing one raises :class:`MissingWeightsError` naming the file, where it is
+published, and where to put it.
+
+Submodules (imported lazily, they pull in torch):
+
+- ``fid``: streaming statistics, Frechet distance, KID, Inception feature extractors
+- ``inception``: the TF-Inception network with torch-fidelity's parameter names
+- ``clip_score``: CLIP score (open_clip ViT-g/14, or any transformers ``CLIPModel`` folder)
+- ``coco``: captions, protocol image transform, reference statistics, resumable generation
+- ``run``: the ``diffdistill eval`` command
+"""
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A weight file the evaluation needs is not on disk (nothing is ever downloaded)."""
+
+
+__all__ = ["MissingWeightsError"]

@@ -1,0 +1,193 @@
+"""Noise schedules and timestep samplers.
+
+A schedule maps a time ``t`` in its native units to ``(alpha_t, sigma_t)`` of
+``x_t = alpha_t * x0 + sigma_t * eps``:
+
+* :class:`VPSchedule` -- discrete variance-preserving (DDPM / Stable Diffusion). ``t`` is the
+  timestep in ``[0, T-1]`` as the UNet sees it; ``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)``,
+  with ``abar`` read from a diffusers scheduler config. Fractional ``t`` interpolates ``abar`` linearly.
+* :class:`FlowSchedule` -- rectified flow (SD3, Flux): ``t`` in ``[0, 1]``, ``alpha = 1 - t``,
+  ``sigma = t``; the network sees ``t * num_train_timesteps``. SD3's resolution shift
+  ``t' = s t / (1 + (s - 1) t)`` (Esser et al. 2024, eq. 23) is applied by :meth:`FlowSchedule.shift`.
+
+Conversions run in float64 (small alpha near t = T-1 loses digits in float32) and return the
+requested dtype. Samplers draw from an ``rng`` with ``rand(shape)`` / ``randn(shape)``
+(see :mod:`diffdistill.engine.random`) so data-parallel runs draw the same numbers as one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffdistill.param import append_dims
+
+
+class VPSchedule:
+    kind = "vp"
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        self.num_train_timesteps = len(self.alphas_cumprod)
+        self.t_min, self.t_max = 0.0, float(self.num_train_timesteps - 1)
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "VPSchedule":
+        """Reads ``abar`` the way diffusers does, from any DDPM/DDIM/Euler/... scheduler config."""
+        from diffusers import DDPMScheduler
+
+        config = dict(config)
+        if config.get("prediction_type") == "flow_prediction" or "shift" in config:
+            raise ValueError("this scheduler config describes a flow-matching model; use FlowSchedule")
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+        ddpm = DDPMScheduler(**{k: config[k] for k in keys if config.get(k) is not None})
+        return cls(ddpm.alphas_cumprod)
+
+    def _abar(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(torch.float64).clamp(self.t_min, self.t_max)
+        table = self.alphas_cumprod.to(t.device)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        frac = t - lo
+        return table[lo] * (1 - frac) + table[hi] * frac
+
+    def alpha(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        return self._abar(t).sqrt().to(dtype)
+
+    def sigma(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        return (1 - self._abar(t)).sqrt().to(dtype)
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def t_from_snr_ratio(self, ratio: torch.Tensor) -> torch.Tensor:
+        """Inverse map from sigma/alpha (EDM's sigma) to the fractional timestep with that ratio."""
+        table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().to(ratio.device)
+        ratio = ratio.to(torch.float64).clamp(table[0], table[-1])
+        hi = torch.searchsorted(table, ratio).clamp(1, self.num_train_timesteps - 1)
+        lo = hi - 1
+        frac = (ratio - table[lo]) / (table[hi] - table[lo])
+        return lo + frac
+
+    def sampling_timesteps(self, num_steps: int) -> list[float]:
+        """'trailing' spacing (Lin et al. 2024): 1000 steps, 4 -> [999, 749, 499, 249], as DMD2 uses."""
+        step = self.num_train_timesteps / num_steps
+        return [float(round(self.num_train_timesteps - i * step) - 1) for i in range(num_steps)]
+
+
+class FlowSchedule:
+    kind = "flow"
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+        self.num_train_timesteps = num_train_timesteps
+        self.shift_factor = shift
+        # sigma = t = 1 is pure noise, where x0 = x_t - u is still well defined; t = 0 is data.
+        self.t_min, self.t_max = 0.0, 1.0
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "FlowSchedule":
+        return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
+
+    def shift(self, t: torch.Tensor) -> torch.Tensor:
+        s = self.shift_factor
+        return s * t / (1 + (s - 1) * t)
+
+    def alpha(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        return (1 - t.to(torch.float64)).to(dtype)
+
+    def sigma(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        return t.to(torch.float64).to(dtype)
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.num_train_timesteps
+
+    def t_from_snr_ratio(self, ratio: torch.Tensor) -> torch.Tensor:
+        ratio = ratio.to(torch.float64)
+        return ratio / (1 + ratio)
+
+    def sampling_timesteps(self, num_steps: int) -> list[float]:
+        ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
+        return [float(t) for t in self.shift(ts)]
+
+
+Schedule = VPSchedule | FlowSchedule
+
+
+def schedule_from_scheduler_config(config) -> Schedule:
+    """Picks VP or flow from a diffusers scheduler config (``FlowMatch*`` class names mean flow)."""
+    if "FlowMatch" in str(config.get("_class_name", "")) or "shift" in config and "beta_start" not in config:
+        return FlowSchedule.from_scheduler_config(config)
+    return VPSchedule.from_scheduler_config(config)
+
+
+def add_noise(schedule: Schedule, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = alpha_t x0 + sigma_t eps, computed in float32 from float64 coefficients."""
+    alpha = append_dims(schedule.alpha(t), x0.ndim)
+    sigma = append_dims(schedule.sigma(t), x0.ndim)
+    return alpha * x0 + sigma * eps
+
+
+# ---- timestep samplers -------------------------------------------------------------------------
+
+
+@dataclass
+class UniformTimesteps:
+    """t ~ U[lo, hi] in the schedule's units; ``integer`` rounds down as DMD2's U{20..980} does."""
+
+    lo: float | None = None
+    hi: float | None = None
+    integer: bool = False
+
+    def __call__(self, schedule: Schedule, n: int, rng) -> torch.Tensor:
+        lo = schedule.t_min if self.lo is None else self.lo
+        hi = schedule.t_max if self.hi is None else self.hi
+        if self.integer:
+            return (lo + rng.rand((n,)) * (hi - lo + 1)).floor().clamp(max=hi)
+        return lo + rng.rand((n,)) * (hi - lo)
+
+
+@dataclass
+class LogNormalTimesteps:
+    """EDM's sigma/alpha ~ exp(N(p_mean, p_std^2)) (Karras et al. 2022, Table 1), mapped to t."""
+
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def __call__(self, schedule: Schedule, n: int, rng) -> torch.Tensor:
+        ratio = (self.p_mean + self.p_std * rng.randn((n,))).exp()
+        return schedule.t_from_snr_ratio(ratio).to(torch.float32)
+
+
+@dataclass
+class LogitNormalTimesteps:
+    """SD3's t = sigmoid(N(m, s^2)) (Esser et al. 2024, eq. 19), then the schedule's shift if flow."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __call__(self, schedule: Schedule, n: int, rng) -> torch.Tensor:
+        u = torch.sigmoid(self.mean + self.std * rng.randn((n,)))
+        if isinstance(schedule, FlowSchedule):
+            return schedule.shift(u)
+        return u * schedule.t_max
+
+
+TIMESTEP_SAMPLERS = {"uniform": UniformTimesteps, "lognormal": LogNormalTimesteps, "logit_normal": LogitNormalTimesteps}
+
+
+def make_timestep_sampler(name: str, **params):
+    if name not in TIMESTEP_SAMPLERS:
+        raise ValueError(f"unknown timestep sampler {name!r}; choose one of {', '.join(TIMESTEP_SAMPLERS)}")
+    return TIMESTEP_SAMPLERS[name](**params)
+
+
+def sigma_alpha_ratio(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
+    """EDM's sigma = sigma_t / alpha_t, handy for comparing schedules."""
+    return schedule.sigma(t, torch.float64) / schedule.alpha(t, torch.float64)
+
+
+__all__ = [
+    "VPSchedule", "FlowSchedule", "schedule_from_scheduler_config", "add_noise", "UniformTimesteps",
+    "LogNormalTimesteps", "LogitNormalTimesteps", "make_timestep_sampler", "sigma_alpha_ratio",
+]
