@@ -34,13 +34,23 @@ class Denoiser(nn.Module):
     def coefficients(self, t: torch.Tensor, ndim: int):
         return append_dims(self.schedule.alpha(t), ndim), append_dims(self.schedule.sigma(t), ndim)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, output: str = "x0") -> torch.Tensor:
+        """x0 estimate; ``output="native"`` returns the raw prediction instead (one call, so that
+        DDP, which only hooks ``forward``, synchronizes gradients of native-space losses too)."""
+        t = torch.as_tensor(t, dtype=torch.float32)
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        if output == "native":
+            return self.raw(x_t, t, cond)
         alpha, sigma = self.coefficients(t, x_t.ndim)
         x_t = x_t.float()
         return param.to_x0(self.prediction_type, x_t, self.raw(x_t, t, cond), alpha.to(x_t.device), sigma.to(x_t.device))
 
     def native(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """Re-expresses an x0 estimate in this backbone's prediction type (targets for native losses)."""
-        alpha, sigma = self.coefficients(t, x_t.ndim)
-        return param.from_x0(self.prediction_type, x_t.float(), x0, alpha.to(x_t.device), sigma.to(x_t.device))
+        return native_from_x0(self.schedule, self.prediction_type, x_t, t, x0)
+
+
+def native_from_x0(schedule, prediction_type: str, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Re-expresses an x0 estimate in a prediction type (the target of native-space losses)."""
+    alpha = append_dims(schedule.alpha(t), x_t.ndim).to(x_t.device)
+    sigma = append_dims(schedule.sigma(t), x_t.ndim).to(x_t.device)
+    return param.from_x0(prediction_type, x_t.float(), x0, alpha, sigma)

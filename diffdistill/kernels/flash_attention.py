@@ -123,13 +123,31 @@ def _jit(kernel, interpret):
 
     ``triton.jit`` picks compiled or interpreted mode when it decorates, so a
     decorator at import time would freeze whatever ``TRITON_INTERPRET`` was
-    then.  Caching per mode keeps both usable in one process.
+    then (a test session may set it after some other module imported this
+    one).  Caching per mode keeps both usable in one process.  Compiled
+    kernels are autotuned over a few tile shapes on the user's GPU.
     """
-    return triton.jit(kernel)
+    jitted = triton.jit(kernel)
+    if interpret:
+        return jitted
+    return triton.autotune(
+        configs=_gpu_configs(kernel),
+        key=["HEAD_DIM", "LQ", "LK"],  # dtypes are part of Triton's key already
+        prune_configs_by={"early_config_prune": functools.partial(_prune_configs, kernel)},
+    )(jitted)
 
 
-def _launch(kernel, grid, *args, **meta):
-    _jit(kernel, _interpreting())[grid](*args, **meta)
+def _launch(kernel, grid_rows, batch_heads, *args, **meta):
+    """Launch over (row blocks, batch*heads); grid_rows is the length tiled by the program."""
+    meta["BLOCK_D"] = _block_d(meta["HEAD_DIM"])
+    interpret = _interpreting()
+    if interpret:
+        # 16x16 tiles so tiny test shapes still span several blocks,
+        # exercising the online rescaling and the ragged-edge masks
+        meta.update(BLOCK_M=16, BLOCK_N=16)
+    tile = "BLOCK_N" if kernel is _bwd_kv_kernel else "BLOCK_M"
+    grid = lambda cfg: (triton.cdiv(grid_rows, cfg[tile]), batch_heads)  # noqa: E731
+    _jit(kernel, interpret)[grid](*args, **meta)
 
 
 # --------------------------------------------------------------------------
@@ -331,22 +349,40 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(head_dim, kind):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel kind.
+def _gpu_configs(kernel):
+    """Candidate (BLOCK_M, BLOCK_N, warps, stages) tiles for the autotuner.
 
-    The interpreter gets 16x16 tiles so that tiny test shapes still span
-    several blocks (exercising the online rescaling and the ragged masks).
-    On a GPU the tiles shrink as head_dim and the number of live
-    accumulators grow, to stay inside registers and shared memory.
+    FlashAttention-2 style: large query tiles for the forward, smaller ones
+    where two or three fp32 accumulators are live (JVP, backward).  Tiles
+    that overflow shared memory on the user's GPU are skipped by the
+    autotuner itself (OutOfResources); ``_prune_configs`` drops the ones
+    that would spill registers.
     """
-    if _interpreting():
-        return 16, 16, 4, 1
-    d = _block_d(head_dim)
-    if kind == "fwd":
-        return (128, 64, 4 if d <= 64 else 8, 3) if d <= 128 else (64, 32, 8, 2)
-    if kind == "jvp":
-        return (64, 64, 4, 2) if d <= 64 else ((64, 32, 8, 2) if d <= 128 else (32, 32, 8, 1))
-    return (64, 64, 4, 2) if d <= 64 else ((64, 32, 8, 2) if d <= 128 else (32, 32, 8, 1))
+    if kernel is _fwd_kernel:
+        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2),
+                  (32, 32, 4, 2)]
+    else:
+        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2),
+                  (32, 32, 8, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+def _accumulator_rows(kernel, kwargs, cfg):
+    """Rows of (rows, BLOCK_D) fp32 accumulators one program keeps live."""
+    if kernel is _fwd_kernel:  # acc, and acc_t with the tangent
+        return cfg.kwargs["BLOCK_M"] * (2 if kwargs["WITH_TANGENT"] else 1)
+    if kernel is _bwd_kv_kernel:  # dk and dv
+        return 2 * cfg.kwargs["BLOCK_N"]
+    return cfg.kwargs["BLOCK_M"]  # dq
+
+
+def _prune_configs(kernel, configs, named_args, **kwargs):
+    """Keep tiles whose accumulators take at most 64 fp32 registers per thread."""
+    def registers(cfg):
+        return _accumulator_rows(kernel, kwargs, cfg) * kwargs["BLOCK_D"] / (32 * cfg.num_warps)
+
+    kept = [cfg for cfg in configs if registers(cfg) <= 64]
+    return kept or [min(configs, key=registers)]
 
 
 def _precision(dtype):
@@ -364,56 +400,51 @@ def _zero_tangent(t):
 def _forward(q, k, v, scale, tangents=None):
     """Launch the forward kernel: (O, LSE) or, with tangents, (O, LSE, O')."""
     batch, heads, lq, head_dim = q.shape
-    lk = k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads, lq), dtype=torch.float32, device=q.device)  # log2 units
     with_tangent = tangents is not None
     if with_tangent:
-        qt, kt, vt = (_zero_tangent(p) if t is None else t.to(p.dtype)
-                      for t, p in zip(tangents, (q, k, v)))
+        qt, kt, vt = (_zero_tangent(p) if t is None else t.to(p.dtype) for t, p in zip(tangents, (q, k, v)))
         ot = torch.empty_like(o)
-    else:  # unused pointers; any tensor of the right rank keeps the signature fixed
+    else:  # never read: WITH_TANGENT=False compiles the tangent code away
         qt, kt, vt, ot = q, k, v, o
-    block_m, block_n, warps, stages = _config(head_dim, "jvp" if with_tangent else "fwd")
-    grid = (triton.cdiv(lq, block_m), batch * heads)
     _launch(
-        _fwd_kernel, grid,
+        _fwd_kernel, lq, batch * heads,
         q, k, v, o, lse, qt, kt, vt, ot,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *qt.stride(), *kt.stride(), *vt.stride(),
-        heads, lq, lk, head_dim, scale, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
-        WITH_TANGENT=with_tangent, PRECISION=_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        **_shape_args(q, k, scale), WITH_TANGENT=with_tangent,
     )
     return (o, lse, ot) if with_tangent else (o, lse)
 
 
 def _backward(do, q, k, v, o, lse, scale):
     """Launch the two backward kernels; returns (dq, dk, dv)."""
-    batch, heads, lq, head_dim = q.shape
+    batch, heads, lq, _ = q.shape
     lk = k.shape[2]
     do = do.to(q.dtype)
     # D = rowsum(dO * O), the softmax-backward correction; cheap enough in torch
     delta = (do.float() * o.float()).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    block_m, block_n, warps, stages = _config(head_dim, "bwd")
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
-                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
-    shape_args = (heads, lq, lk, head_dim, scale, scale * LOG2E)
     _launch(
-        _bwd_kv_kernel, (triton.cdiv(lk, block_n), batch * heads),
+        _bwd_kv_kernel, lk, batch * heads,
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *shape_args, **common,
+        **_shape_args(q, k, scale),
     )
     _launch(
-        _bwd_q_kernel, (triton.cdiv(lq, block_m), batch * heads),
+        _bwd_q_kernel, lq, batch * heads,
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *shape_args, **common,
+        **_shape_args(q, k, scale),
     )
     return dq, dk, dv
+
+
+def _shape_args(q, k, scale):
+    _, heads, lq, head_dim = q.shape
+    return dict(H=heads, LQ=lq, LK=k.shape[2], HEAD_DIM=head_dim, scale=scale, qk_scale_log2=scale * LOG2E,
+                PRECISION=_precision(q.dtype))
 
 
 # --------------------------------------------------------------------------
@@ -427,6 +458,11 @@ class FlashAttentionFunction(torch.autograd.Function):
     the fused forward kernel with tangents, which recomputes ``P`` and yields
     ``O'`` in the same pass (sCM appendix), since ``forward`` never sees the
     tangents.
+
+    Under ``torch.func`` transforms ``jvp`` and ``backward`` receive
+    functorch-wrapped tensors, which have no data pointer for Triton; they
+    therefore launch through small Functions of their own (``_Tangent``,
+    ``_Gradients``), whose ``apply`` unwraps down to plain tensors.
     """
 
     @staticmethod
@@ -445,22 +481,69 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale)
+        dq, dk, dv = _Gradients.apply(do, q, k, v, o, lse, ctx.scale)
         return dq, dk, dv, None
 
     @staticmethod
     def jvp(ctx, qt, kt, vt, _scale_t):
         q, k, v = ctx.saved_tensors
-        _, _, ot = _forward(q, k, v, ctx.scale, tangents=(qt, kt, vt))
-        return ot, None
+        qt, kt, vt = (_zero_tangent(p) if t is None else t for t, p in zip((qt, kt, vt), (q, k, v)))
+        return _Tangent.apply(q, k, v, qt, kt, vt, ctx.scale), None
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, scale):
-        """Fold the vmapped dimension into the batch: attention is batch-wise."""
-        n = info.batch_size
-        q, k, v = (_fold(t, d, n) for t, d in zip((q, k, v), in_dims[:3]))
-        o, lse = FlashAttentionFunction.apply(q, k, v, scale)
-        return (o.unflatten(0, (n, -1)), lse.unflatten(0, (n, -1))), (0, 0)
+        return _vmap_by_folding(FlashAttentionFunction, info, in_dims, (q, k, v), (scale,))
+
+
+class _Tangent(torch.autograd.Function):
+    """O' from the fused forward+JVP kernel (the primal it recomputes is dropped)."""
+
+    @staticmethod
+    def forward(q, k, v, qt, kt, vt, scale):
+        return _forward(q, k, v, scale, tangents=(qt, kt, vt))[2]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, _grad):
+        raise NotImplementedError("flash_attention: reverse mode through the JVP tangent is not supported")
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, qt, kt, vt, scale):
+        return _vmap_by_folding(_Tangent, info, in_dims, (q, k, v, qt, kt, vt), (scale,))
+
+
+class _Gradients(torch.autograd.Function):
+    """(dq, dk, dv) from the two backward kernels."""
+
+    @staticmethod
+    def forward(do, q, k, v, o, lse, scale):
+        return _backward(do, q, k, v, o, lse, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise NotImplementedError("flash_attention: double backward is not supported")
+
+    @staticmethod
+    def vmap(info, in_dims, do, q, k, v, o, lse, scale):
+        return _vmap_by_folding(_Gradients, info, in_dims, (do, q, k, v, o, lse), (scale,))
+
+
+def _vmap_by_folding(function, info, in_dims, tensors, rest):
+    """vmap rule: attention is independent per batch row, so fold the vmapped
+    dimension into the batch dimension, run once, and unfold the outputs."""
+    n = info.batch_size
+    folded = [_fold(t, d, n) for t, d in zip(tensors, in_dims)]
+    outputs = function.apply(*folded, *rest)
+    if isinstance(outputs, torch.Tensor):
+        return outputs.unflatten(0, (n, -1)), 0
+    return tuple(o.unflatten(0, (n, -1)) for o in outputs), (0,) * len(outputs)
 
 
 def _fold(t, dim, n):

@@ -1,0 +1,213 @@
+"""Typed configuration: recipes (YAML) and ``key=value`` overrides become dataclasses.
+
+Unknown keys and badly typed values are errors that name the closest valid key, so a typo in a
+recipe never silently falls back to a default. The resolved config is written into every run
+folder (``config.yaml``), from which a run can be re-created exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe key or value that does not exist or does not parse, with the fix in the message."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "prompts"            # prompts | digits | imagefolder: where training batches come from
+    prompts: list[str] = field(default_factory=list)  # inline prompts (source=prompts)
+    prompts_file: str | None = None    # one prompt a line (source=prompts), e.g. the COCO-30k caption list
+    path: str | None = None            # imagefolder root with metadata.jsonl ({"file_name", "text"} per line)
+    resolution: int | None = None      # image side in pixels; None: the backbone's sample_size x VAE factor
+    uncond_prob: float = 0.0           # share of prompts replaced by "" (0.1 when training a teacher, so CFG works)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 0              # linear warm-up, then constant (DMD2 uses 500)
+    grad_clip: float = 1.0             # max global grad norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    teacher: str = "tiny:unet"         # local pipeline folder, .safetensors (+ teacher_config), tiny:ARCH, zoo:NAME
+    teacher_config: str | None = None  # pipeline folder describing a single-file teacher
+    allow_pickle: bool = False         # allow loading pickle checkpoints (they can run code): only for trusted files
+    trust_remote_code: bool = False    # allow a pipeline's custom code to run
+    out: str = "runs/run"              # the run folder: config, checkpoints, logs, sample grids
+    method: dict = field(default_factory=lambda: {"name": "sft"})  # name + that method's own options
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)         # the generator's optimizer
+    critic_optim: OptimConfig = field(default_factory=OptimConfig)  # the critic's (fake score, GAN head)
+    batch_size: int = 4                # global batch per optimizer step, over all processes and accumulation
+    grad_accum: int = 1                # micro-batches per optimizer step
+    max_steps: int = 100
+    mixed_precision: str = "no"        # no | fp16 | bf16
+    seed: int = 0
+    ema_decay: float = 0.0             # EMA of the generator; 0 disables
+    checkpoint_every: int = 500        # plus one at the last step
+    keep_checkpoints: int = 2
+    sample_every: int = 0              # write a sample grid PNG every N steps; 0 disables
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int | None = None    # sampler steps for grids; None: the method's own
+    sample_guidance: float = 1.0
+    log_every: int = 10
+    resume: bool = True                # continue from the latest checkpoint in `out` if there is one
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "critic_optim": OptimConfig}
+
+
+def _valid_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        nested = SECTIONS.get(f.name) if cls is TrainConfig else None
+        keys += _valid_keys(nested, f"{prefix}{f.name}.") if nested else [prefix + f.name]
+    return keys
+
+
+def unknown_key_error(key: str, valid: list[str], where: str = "recipe") -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown {where} key {key!r}{hint}")
+
+
+def _coerce(value, annotation, key: str):
+    """Checks (and gently converts) a value against a field's type: int->float is fine, str->int is not."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(annotation) or (typing.Any,)
+        return [_coerce(v, item, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = "", valid: list[str] | None = None):
+    """Builds a dataclass from a nested dict, rejecting unknown keys with the closest valid one."""
+    valid = valid if valid is not None else _valid_keys(cls)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in names:
+            raise unknown_key_error(prefix + key, valid)
+        nested = SECTIONS.get(key) if cls is TrainConfig else None
+        if nested is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix + key} must be a mapping of {', '.join(f.name for f in dataclasses.fields(nested))}")
+            kwargs[key] = from_dict(nested, value, f"{prefix}{key}.", valid)
+        else:
+            kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies ``a.b=value`` strings to a nested dict; values parse as YAML (``lr=1e-5``, ``x=[1,2]``)."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+CHOICES = {
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "data.source": ("prompts", "digits", "imagefolder"),
+}
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    for key, options in CHOICES.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node not in options:
+            close = difflib.get_close_matches(str(node), options, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}={node!r} is not valid{hint}; choose one of {', '.join(options)}")
+    if cfg.batch_size <= 0 or cfg.grad_accum <= 0 or cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a positive multiple of grad_accum={cfg.grad_accum}")
+    if not isinstance(cfg.method.get("name"), str):
+        raise ConfigError("method must be a mapping with a 'name', e.g. method: {name: dmd2}")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist; shipped recipes are under recipes/ (e.g. recipes/tiny/sft.yaml)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {str(path)!r} must be a mapping of keys to values")
+    cfg = from_dict(TrainConfig, apply_overrides(data, list(overrides)))
+    _check_choices(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Where training batches come from: prompt lists, image folders, the bundled digits."""

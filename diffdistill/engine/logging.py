@@ -1,0 +1,41 @@
+"""What a user sees of a run: metrics.jsonl, optional TensorBoard (through accelerate), PNG grids."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def append_metrics(run_dir: Path, step: int, logs: dict) -> None:
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> Path:
+    """Images in [0, 1], shape (N, 3, H, W), tiled into one PNG (nearest-upscaled when tiny)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = torch.ones(3, rows * h, columns * w)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    array = (grid.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    picture = Image.fromarray(array)
+    if max(picture.size) < 256:  # a 16 px sample is unreadable at 1:1
+        scale = 256 // max(picture.size) + 1
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path

@@ -1,0 +1,326 @@
+"""``diffdistill eval``: score any diffusers pipeline folder on the COCO protocol.
+
+Order of work, so that nothing is generated unless it can be scored: resolve the
+weight files (Inception, CLIP), read the captions and list the reference images,
+load the pipeline and the extractor, compute or load the cached reference
+statistics, and only then generate (resuming), extract, and report.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from diffdistill.eval import MissingWeightsError
+
+BENCHMARK_CHOICES = ("coco2014-30k", "coco2017-5k", "prompts")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline_dir", help="a diffusers pipeline folder (local, safetensors)")
+    parser.add_argument("--benchmark", choices=BENCHMARK_CHOICES, default="coco2014-30k",
+                        help="coco2014-30k: 30k COCO-2014 val captions (the papers' FID-30k); "
+                             "coco2017-5k: the 5k COCO-2017 val captions (FID-5k, cheaper); "
+                             "prompts: captions from --prompts, reference from --reference")
+    parser.add_argument("--coco", metavar="DIR", help="COCO root: DIR/annotations/captions_val20XX.json, DIR/val20XX/")
+    parser.add_argument("--prompts", metavar="FILE", help="one caption a line (e.g. DMD2's 30k COCO-2014 list)")
+    parser.add_argument("--reference", choices=("coco2014", "coco2017"), default="coco2014",
+                        help="reference images for --benchmark prompts (default coco2014)")
+    parser.add_argument("--num", type=int, help="number of captions (default: the benchmark's count)")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float, help="guidance_scale (default: the pipeline's)")
+    parser.add_argument("--resolution", type=int, help="generated height and width in px (default: the pipeline's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call and per Inception batch")
+    parser.add_argument("--seed", type=int, default=0, help="image i is drawn with seed SEED + i")
+    parser.add_argument("--caption-seed", type=int, default=0, help="seed of the COCO caption selection")
+    parser.add_argument("--out", metavar="DIR", help="where images go (default ./diffdistill-eval/NAME-BENCHMARK-N)")
+    parser.add_argument("--json", metavar="PATH", help="results file (default OUT/results.json)")
+    parser.add_argument("--inception", metavar="PATH",
+                        help="inception-2015-12-05.pt (clean-fid) or weights-inception-2015-12-05-6726825d.pth "
+                             "(torch-fidelity), or a folder holding one; default $DIFFDISTILL_INCEPTION")
+    parser.add_argument("--clip", metavar="PATH",
+                        help="open_clip ViT-g-14 laion2b_s12b_b42k weights, or a transformers CLIPModel folder; "
+                             "default $DIFFDISTILL_CLIP; without either the CLIP score is skipped")
+    parser.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default ~/.cache/diffdistill/fid-stats)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="pipeline dtype (default float16 on cuda, float32 on cpu)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
+    parser.add_argument("--kid-subsets", type=int, default=100)
+    parser.add_argument("--kid-subset-size", type=int, default=1000)
+
+
+# ---------------------------------------------------------------- plan
+
+
+def _captions_and_reference(args):
+    """(benchmark title, nominal count, CaptionSet, reference split, annotations of the reference split)."""
+    from diffdistill.eval import coco
+
+    if not args.coco:
+        raise SystemExit("--coco DIR is required: the reference statistics come from the COCO validation images")
+    if args.benchmark == "prompts":
+        if not args.prompts:
+            raise SystemExit("--benchmark prompts needs --prompts FILE")
+        captions = coco.read_prompts_file(args.prompts, args.num)
+        split = coco.REFERENCE_SPLITS[args.reference]
+        title = f"prompts file {Path(args.prompts).name}, reference COCO {split}"
+        return title, None, captions, split, coco.read_coco_annotations(args.coco, split)
+    benchmark = coco.BENCHMARKS[args.benchmark]
+    annotations = coco.read_coco_annotations(args.coco, benchmark.split)
+    captions = coco.select_coco_captions(annotations, args.num or benchmark.num, args.caption_seed)
+    return benchmark.title, benchmark.num, captions, benchmark.split, annotations
+
+
+def protocol_label(num: int, nominal: int | None, title: str) -> str:
+    """'FID-30k, COCO-2014 val' with a warning whenever the count is not the benchmark's own."""
+    from diffdistill.eval.fid import fid_label
+
+    label = f"{fid_label(num)}, {title}"
+    if nominal is not None and num != nominal:
+        label += f" ({num} of the protocol's {nominal}: not comparable with {fid_label(nominal)})"
+    return label
+
+
+def _default_cache_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "diffdistill" / "fid-stats"
+
+
+def _device_and_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    return device, getattr(torch, dtype_name)
+
+
+def load_pipeline(pipeline_dir: str, device: str, dtype):
+    """Any diffusers pipeline folder, local files and safetensors only; the safety checker is left out,
+    as in the papers' evaluations (it blanks images, which would count against FID)."""
+    from diffusers import DiffusionPipeline
+
+    if not Path(pipeline_dir, "model_index.json").is_file():
+        raise SystemExit(f"{pipeline_dir} is not a diffusers pipeline folder (no model_index.json)")
+    with open(Path(pipeline_dir, "model_index.json")) as f:
+        components = json.load(f)
+    extra = {"safety_checker": None} if "safety_checker" in components else {}
+    pipeline = DiffusionPipeline.from_pretrained(
+        pipeline_dir, torch_dtype=dtype, local_files_only=True, use_safetensors=True, **extra
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def _check_manifest(out_dir: Path, manifest: dict) -> None:
+    """Refuse to resume into a folder whose images came from other settings."""
+    path = out_dir / "generation.json"
+    if path.is_file():
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != manifest:
+            changed = sorted(k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k))
+            raise SystemExit(
+                f"{out_dir} holds images generated with other settings ({', '.join(changed)} differ); "
+                "pass another --out or delete it"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+
+
+def _speed(out_dir: Path, generation, batch_size: int, device: str) -> dict:
+    """This run's timings; when it generated nothing (a finished run re-scored), the last measured ones."""
+    path = out_dir / "speed.json"
+    if generation.generated == 0:
+        if path.is_file():
+            with open(path) as f:
+                return {**json.load(f), "measured": "in an earlier run"}
+        return {"images_per_second": None, "seconds_per_image": None, "nfe": None, "batch_size": batch_size,
+                "device": device, "timed_images": 0, "measured": "never"}
+    speed = {
+        "images_per_second": generation.images_per_second,
+        "seconds_per_image": generation.seconds_per_image,
+        "nfe": generation.nfe,
+        "batch_size": batch_size,
+        "device": device,
+        "timed_images": generation.timed_images,
+    }
+    with open(path, "w") as f:
+        json.dump(speed, f, indent=2)
+    return {**speed, "measured": "in this run"}
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(value, spec: str, none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def markdown_table(results: dict) -> str:
+    clip = results["clip_score"]
+    speed = results["speed"]
+    header = "| Protocol | FID | KID | CLIP score | images/s | NFE | s/image |"
+    row = "| {} | {} | {} | {} | {} | {} | {} |".format(
+        results["protocol"]["label"],
+        _fmt(results["fid"], ".2f"),
+        _fmt(results["kid"], ".5f"),
+        _fmt(clip["value"], ".4f", "skipped (no --clip)"),
+        _fmt(speed["images_per_second"], ".2f", "n/a (nothing generated)"),
+        _fmt(speed["nfe"], "g"),
+        _fmt(speed["seconds_per_image"], ".3f"),
+    )
+    return "\n".join([header, "|---|---|---|---|---|---|---|", row])
+
+
+def _notes(results: dict) -> list[str]:
+    notes = [f"Inception: {results['extractor']['name']} ({Path(results['extractor']['file']).name})"]
+    clip = results["clip_score"]
+    if clip["value"] is not None:
+        notes.append(f"CLIP: {clip['model']}; prefix {clip['prefix']!r}; comparable with {clip['comparable_with']}")
+    speed = results["speed"]
+    if speed["images_per_second"] is not None:
+        notes.append(
+            f"Speed: batch {speed['batch_size']} on {speed['device']}, {speed['timed_images']} images timed "
+            f"{speed['measured']} (first batch excluded as warm-up when there were several); "
+            "NFE counts a guided step twice"
+        )
+    return notes
+
+
+# ---------------------------------------------------------------- run
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except MissingWeightsError as error:
+        print(f"diffdistill eval: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"diffdistill eval: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import numpy as np
+
+    from diffdistill.eval import clip_score, coco
+    from diffdistill.eval.fid import InceptionFeatureExtractor, fid_label, frechet_distance, kernel_inception_distance
+    from diffdistill.eval.fid import resolve_inception_path
+
+    # 1. Everything that can be missing is looked up before any work.
+    inception_path = resolve_inception_path(args.inception)
+    clip_path = clip_score.resolve_clip_path(args.clip)
+    if clip_path is not None:
+        clip_score.check_clip_backend(clip_path)
+    title, nominal, captions, split, annotations = _captions_and_reference(args)
+    reference_paths = coco.reference_image_paths(args.coco, split, annotations)
+    num = len(captions.captions)
+    label = protocol_label(num, nominal, title)
+
+    device, dtype = _device_and_dtype(args)
+    extractor = InceptionFeatureExtractor.load(inception_path, device)
+    pipeline = load_pipeline(args.pipeline_dir, device, dtype)
+    call_kwargs = coco.pipeline_call_kwargs(pipeline, args.steps, args.guidance, args.resolution)
+
+    out_dir = Path(args.out or Path("diffdistill-eval") / f"{Path(args.pipeline_dir).name}-{args.benchmark}-{num}")
+    image_dir = out_dir / "images"
+    _check_manifest(out_dir, {
+        "pipeline": str(Path(args.pipeline_dir).resolve()),
+        "captions_sha256": captions.sha256,
+        "seed": args.seed,
+        "call": call_kwargs,
+        "dtype": str(dtype),
+    })
+    (out_dir / "captions.txt").write_text("\n".join(captions.captions) + "\n", encoding="utf-8")
+
+    # 2. Reference statistics: cached per protocol, split, image list and extractor weights.
+    reference = coco.reference_statistics(
+        args.coco, split, annotations, extractor, args.cache_dir or _default_cache_dir(),
+        batch_size=args.batch_size, workers=args.workers,
+    )
+    print(f"reference: {reference.count} COCO {split} images "
+          f"({'cached' if reference.from_cache else 'computed'}: {reference.stats_path})", file=sys.stderr)
+
+    # 3. Generation, resuming from the images already on disk.
+    generation = coco.generate_images(
+        pipeline, captions.captions, image_dir, batch_size=args.batch_size, seed=args.seed, call_kwargs=call_kwargs
+    )
+    speed = _speed(out_dir, generation, args.batch_size, device)
+    del pipeline  # free the accelerator for the feature networks
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+    # 4. Features and CLIP score of the generated images, one streaming pass.
+    scorer = clip_score.load_clip_scorer(clip_path, device) if clip_path is not None else None
+    clip_mean = clip_score.RunningMean()
+
+    def score_clip(start, images):
+        if scorer is not None:
+            clip_mean.update(scorer.similarities(list(images), captions.captions[start : start + len(images)]))
+
+    generated_features = out_dir / "inception_features.npy"
+    stats = coco.extract_features(
+        [coco.image_path(image_dir, i) for i in range(num)], extractor, batch_size=args.batch_size,
+        workers=args.workers, features_path=generated_features, on_batch=score_clip, desc="generated images",
+    )
+    fid = frechet_distance(stats.mean, stats.covariance, reference.mu, reference.sigma)
+    kid = kernel_inception_distance(
+        reference.features(), np.load(generated_features, mmap_mode="r"),
+        num_subsets=args.kid_subsets, max_subset_size=args.kid_subset_size, seed=0,
+    )
+
+    results = {
+        "protocol": {
+            "label": label,
+            "benchmark": args.benchmark,
+            "num_generated": num,
+            "num_reference": reference.count,
+            "reference_split": split,
+            "captions": captions.source,
+            "transform": "centre crop on the long edge, PIL LANCZOS 256, clean-fid clean mode (PIL bicubic 299)",
+        },
+        "fid": fid,
+        "fid_label": fid_label(num),
+        "kid": kid,
+        "kid_subsets": {"num_subsets": args.kid_subsets, "max_subset_size": args.kid_subset_size, "seed": 0},
+        "clip_score": {
+            **(scorer.describe() if scorer else {"model": None, "prefix": clip_score.PROMPT_PREFIX, "comparable_with": None}),
+            "value": clip_mean.value,
+        },
+        "extractor": extractor.describe(),
+        "speed": speed,
+        "generation": {
+            "pipeline": str(args.pipeline_dir),
+            "images_dir": str(image_dir),
+            "found_on_disk": generation.found_on_disk,
+            "generated_this_run": generation.generated,
+            "seed": args.seed,
+            "call": call_kwargs,
+        },
+        "reference_statistics": str(reference.stats_path),
+    }
+    print(markdown_table(results))
+    for note in _notes(results):
+        print(f"- {note}")
+    json_path = Path(args.json or out_dir / "results.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"results: {json_path}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="diffdistill eval", description=__doc__.splitlines()[0])
+    add_eval_arguments(parser)
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

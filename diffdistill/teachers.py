@@ -1,0 +1,30 @@
+"""Resolving a recipe's ``teacher:`` string to a loaded :class:`~diffdistill.backbones.loading.Teacher`.
+
+* a local diffusers pipeline folder, or a single ``.safetensors`` (with ``teacher_config``);
+* ``tiny:unet`` / ``tiny:dit`` / ``tiny:sd3`` -- a tiny random pipeline built in memory from a seed;
+* ``zoo:NAME`` -- a teacher shipped inside the package (see :mod:`diffdistill.zoo`).
+"""
+
+from __future__ import annotations
+
+
+from diffdistill.backbones.loading import Teacher, _teacher_from_pipe, load_teacher
+
+
+def resolve_teacher(spec: str, *, config=None, allow_pickle=False, trust_remote_code=False, seed: int = 0) -> Teacher:
+    if not spec:
+        raise ValueError("no teacher given: set teacher=/path/to/pipeline (or tiny:unet for a test model)")
+    if spec.startswith("tiny:"):
+        from diffdistill.backbones.tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(spec.split(":", 1)[1], seed)
+        index = {"unet": [None, None]} if hasattr(pipe, "unet") and pipe.unet is not None else {"transformer": [None, None]}
+        return _teacher_from_pipe(pipe, index, spec)
+    if spec.startswith("zoo:"):
+        from diffdistill.zoo import zoo_path
+
+        return load_teacher(zoo_path(spec.split(":", 1)[1]))
+    return load_teacher(spec, config=config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+__all__ = ["resolve_teacher"]
