@@ -62,13 +62,14 @@ class VPSchedule:
         return t
 
     def t_from_snr_ratio(self, ratio: torch.Tensor) -> torch.Tensor:
-        """Inverse map from sigma/alpha (EDM's sigma) to the fractional timestep with that ratio."""
-        table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().to(ratio.device)
-        ratio = ratio.to(torch.float64).clamp(table[0], table[-1])
-        hi = torch.searchsorted(table, ratio).clamp(1, self.num_train_timesteps - 1)
+        """The fractional timestep whose sigma/alpha (EDM's sigma) is ``ratio``; exact inverse of
+        :meth:`alpha` / :meth:`sigma` (both interpolate abar linearly), clamped to [0, T-1]."""
+        abar_target = 1 / (1 + ratio.to(torch.float64) ** 2)
+        table = self.alphas_cumprod.to(ratio.device)  # decreasing in t
+        abar_target = abar_target.clamp(table[-1], table[0])
+        hi = torch.searchsorted(-table, -abar_target).clamp(1, self.num_train_timesteps - 1)
         lo = hi - 1
-        frac = (ratio - table[lo]) / (table[hi] - table[lo])
-        return lo + frac
+        return lo + (abar_target - table[lo]) / (table[hi] - table[lo])
 
     def sampling_timesteps(self, num_steps: int) -> list[float]:
         """'trailing' spacing (Lin et al. 2024): 1000 steps, 4 -> [999, 749, 499, 249], as DMD2 uses."""

@@ -132,7 +132,8 @@ def _jit(kernel, interpret):
         return jitted
     return triton.autotune(
         configs=_gpu_configs(kernel),
-        key=["HEAD_DIM", "LQ", "LK"],  # dtypes are part of Triton's key already
+        # dtypes join the key automatically; WITH_TANGENT only exists on the forward
+        key=["HEAD_DIM", "LQ", "LK", "WITH_TANGENT"],
         prune_configs_by={"early_config_prune": functools.partial(_prune_configs, kernel)},
     )(jitted)
 
@@ -349,40 +350,46 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, most preferred first.
+# FlashAttention-2 style large query tiles for the forward; smaller ones where
+# two or three fp32 accumulators are live (JVP, backward).  Chosen from ptxas
+# register/spill reports for sm_90 (fp16, head_dim 64/128/256): each head
+# width keeps at least one candidate that does not spill.
+_TILES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
+    "jvp": [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)],
+    "bwd": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
+}
+
+
 def _gpu_configs(kernel):
-    """Candidate (BLOCK_M, BLOCK_N, warps, stages) tiles for the autotuner.
-
-    FlashAttention-2 style: large query tiles for the forward, smaller ones
-    where two or three fp32 accumulators are live (JVP, backward).  Tiles
-    that overflow shared memory on the user's GPU are skipped by the
-    autotuner itself (OutOfResources); ``_prune_configs`` drops the ones
-    that would spill registers.
-    """
-    if kernel is _fwd_kernel:
-        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 8, 2),
-                  (32, 32, 4, 2)]
-    else:
-        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2),
-                  (32, 32, 8, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+    """Autotuner candidates; ``_prune_configs`` narrows them per call."""
+    kinds = ("fwd", "jvp") if kernel is _fwd_kernel else ("bwd",)
+    tiles = dict.fromkeys(t for kind in kinds for t in _TILES[kind])  # ordered, deduplicated
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in tiles]
 
 
-def _accumulator_rows(kernel, kwargs, cfg):
-    """Rows of (rows, BLOCK_D) fp32 accumulators one program keeps live."""
-    if kernel is _fwd_kernel:  # acc, and acc_t with the tangent
-        return cfg.kwargs["BLOCK_M"] * (2 if kwargs["WITH_TANGENT"] else 1)
-    if kernel is _bwd_kv_kernel:  # dk and dv
-        return 2 * cfg.kwargs["BLOCK_N"]
-    return cfg.kwargs["BLOCK_M"]  # dq
+def _tile(cfg):
+    return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
 
 
 def _prune_configs(kernel, configs, named_args, **kwargs):
-    """Keep tiles whose accumulators take at most 64 fp32 registers per thread."""
-    def registers(cfg):
-        return _accumulator_rows(kernel, kwargs, cfg) * kwargs["BLOCK_D"] / (32 * cfg.num_warps)
+    """This pass's tiles whose fp32 accumulators take at most 64 registers a thread.
 
-    kept = [cfg for cfg in configs if registers(cfg) <= 64]
-    return kept or [min(configs, key=registers)]
+    Tiles that overflow shared memory on the user's GPU are skipped by the
+    autotuner itself (OutOfResources).
+    """
+    if kernel is _fwd_kernel:
+        kind, accumulators = ("jvp", 2) if kwargs["WITH_TANGENT"] else ("fwd", 1)
+    else:
+        kind, accumulators = "bwd", (2 if kernel is _bwd_kv_kernel else 1)  # dk, dv | dq
+    rows = "BLOCK_N" if kernel is _bwd_kv_kernel else "BLOCK_M"
+
+    def registers(cfg):
+        return accumulators * cfg.kwargs[rows] * kwargs["BLOCK_D"] / (32 * cfg.num_warps)
+
+    candidates = [cfg for cfg in configs if _tile(cfg) in _TILES[kind]]
+    return [cfg for cfg in candidates if registers(cfg) <= 64] or [min(candidates, key=registers)]
 
 
 def _precision(dtype):

@@ -1,0 +1,320 @@
+"""The COCO side of the evaluation and the whole ``diffdistill eval`` path, offline:
+a COCO-format fixture written here, a tiny random Stable Diffusion, a tiny random
+CLIP and a random TorchScript Inception. The numbers mean nothing; the plumbing,
+the protocol's transforms, the caching and the resuming are what is checked."""
+
+import argparse
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffdistill.eval import coco
+from diffdistill.eval.fid import TORCHSCRIPT_FILE, TORCHSCRIPT_URL
+from diffdistill.eval.inception import write_random_torchscript_inception
+from diffdistill.eval.run import add_eval_arguments, protocol_label, run_eval
+
+STEPS, GUIDANCE, RESOLUTION = 2, 2.0, 32
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the evaluation tried to download something")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _tiny_pipeline_writer():
+    try:
+        from diffdistill.tiny import write_tiny_pipeline
+    except ImportError:
+        from diffdistill.backbones.tiny import write_tiny_pipeline
+    return write_tiny_pipeline
+
+
+def _tiny_tokenizer(tmp_path):
+    """CLIP's byte-level BPE over single characters, loaded with ``from_pretrained`` (in transformers 5.x
+    the ``vocab_file=`` / ``merges_file=`` constructor arguments are silently ignored)."""
+    from transformers import CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for byte in range(256):
+        chars.append(chr(byte) if byte in printable else chr(256 + extra))
+        extra += byte not in printable
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Everything the command reads: a pipeline, a CLIP folder, an Inception file, a COCO folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    root = tmp_path_factory.mktemp("assets")
+    pipeline = _tiny_pipeline_writer()(root / "pipeline", arch="unet", seed=0)
+
+    tokenizer = _tiny_tokenizer(root)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    clip = root / "clip"
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
+    tokenizer.save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+
+    inception = write_random_torchscript_inception(root / "weights" / TORCHSCRIPT_FILE, seed=0)
+
+    coco_dir = root / "coco"
+    (coco_dir / "annotations").mkdir(parents=True)
+    (coco_dir / "val2014").mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for image_id, (h, w) in zip((42, 7, 19), ((48, 36), (40, 40), (30, 52))):
+        name = f"COCO_val2014_{image_id:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(coco_dir / "val2014" / name)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        for k in range(2):
+            annotations.append({"id": 100 * image_id + k, "image_id": image_id, "caption": f"picture {image_id}\n  {k} "})
+    with open(coco_dir / "annotations" / "captions_val2014.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations}, f)
+
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red cube\na cat on a mat\n\nthe sea at night\n")
+    return {"pipeline": pipeline, "clip": clip, "inception": inception, "coco": coco_dir, "prompts": prompts,
+            "cache": root / "cache"}
+
+
+def eval_args(assets, out, *extra):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args([
+        str(assets["pipeline"]), "--coco", str(assets["coco"]), "--inception", str(assets["inception"]),
+        "--clip", str(assets["clip"]), "--cache-dir", str(assets["cache"]), "--out", str(out),
+        "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--resolution", str(RESOLUTION),
+        "--batch-size", "2", "--workers", "0", "--kid-subsets", "3", "--device", "cpu", *extra,
+    ])
+
+
+# ---------------------------------------------------------------- captions and transforms
+
+
+def synthetic_annotations(num_images=50, per_image=5):
+    return {
+        "images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(num_images)],
+        "annotations": [
+            {"id": 1000 - (i * per_image + k), "image_id": i, "caption": f"image {i} caption {k}"}
+            for i in reversed(range(num_images)) for k in range(per_image)
+        ],
+    }
+
+
+def test_caption_selection_is_seeded_one_per_distinct_image():
+    annotations = synthetic_annotations()
+    chosen = coco.select_coco_captions(annotations, 20, seed=3)
+    assert chosen.captions == coco.select_coco_captions(annotations, 20, seed=3).captions
+    assert chosen.captions != coco.select_coco_captions(annotations, 20, seed=4).captions
+    assert chosen.image_ids == sorted(set(chosen.image_ids)) and len(chosen.image_ids) == 20
+    for image_id, caption in zip(chosen.image_ids, chosen.captions):
+        assert caption.startswith(f"image {image_id} caption")
+    # The documented recipe, restated: images by id, rng.choice, then one rng.integers per image.
+    rng = np.random.default_rng(3)
+    ids = np.sort(rng.choice(50, size=20, replace=False))
+    expected = []
+    for i in ids:
+        options = sorted((1000 - (i * 5 + k), f"image {i} caption {k}") for k in range(5))
+        expected.append(options[int(rng.integers(5))][1])
+    assert chosen.captions == expected
+    with pytest.raises(ValueError):
+        coco.select_coco_captions(annotations, 51)
+
+
+def test_prompts_file_keeps_order_and_skips_blank_lines(assets):
+    prompts = coco.read_prompts_file(assets["prompts"])
+    assert prompts.captions == ["a red cube", "a cat on a mat", "the sea at night"]
+    assert coco.read_prompts_file(assets["prompts"], 2).captions == prompts.captions[:2]
+    with pytest.raises(ValueError):
+        coco.read_prompts_file(assets["prompts"], 4)
+
+
+@pytest.mark.parametrize("size", [(57, 40), (31, 50), (64, 64), (513, 512), (300, 203)])
+def test_centre_crop_is_gigagans_torchvision_crop(size):
+    from torchvision.transforms.functional import center_crop
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ours = coco.centre_crop_long_edge(image)
+    theirs = center_crop(image, min(image.size))
+    assert ours.size == theirs.size
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert coco.protocol_image(image).shape == (256, 256, 3)
+
+
+def test_protocol_label_never_hides_the_sample_count():
+    assert protocol_label(30_000, 30_000, "COCO-2014 val") == "FID-30k, COCO-2014 val"
+    assert protocol_label(5_000, 5_000, "COCO-2017 val") == "FID-5k, COCO-2017 val"
+    short = protocol_label(5_000, 30_000, "COCO-2014 val")
+    assert short.startswith("FID-5k") and "not comparable with FID-30k" in short
+
+
+# ---------------------------------------------------------------- generation and CLIP
+
+
+def test_images_do_not_depend_on_the_batch_they_fall_in(assets, tmp_path):
+    from diffdistill.eval.run import load_pipeline
+
+    pipeline = load_pipeline(str(assets["pipeline"]), "cpu", torch.float32)
+    captions = ["a red cube", "a cat", "the sea"]
+    kwargs = coco.pipeline_call_kwargs(pipeline, STEPS, GUIDANCE, RESOLUTION)
+    together = coco.generate_images(pipeline, captions, tmp_path / "a", batch_size=3, seed=5, call_kwargs=kwargs)
+    coco.generate_images(pipeline, captions, tmp_path / "b", batch_size=1, seed=5, call_kwargs=kwargs)
+    assert together.generated == 3 and together.nfe == 2 * STEPS  # guided steps count twice
+    for i in range(3):
+        a = np.asarray(Image.open(coco.image_path(tmp_path / "a", i)), dtype=int)
+        b = np.asarray(Image.open(coco.image_path(tmp_path / "b", i)), dtype=int)
+        assert a.shape == (RESOLUTION, RESOLUTION, 3)
+        assert np.abs(a - b).max() <= 1  # same noise; only float reduction order may differ
+
+
+def test_settings_a_pipeline_does_not_take_are_refused():
+    class OneStepGenerator:
+        def __call__(self, prompt, num_inference_steps=1, generator=None, output_type="pil"):
+            pass
+
+    assert coco.pipeline_call_kwargs(OneStepGenerator(), steps=1) == {"num_inference_steps": 1}
+    with pytest.raises(ValueError, match="guidance_scale"):
+        coco.pipeline_call_kwargs(OneStepGenerator(), steps=1, guidance=3.0)
+
+
+def test_clip_score_is_the_cosine_with_the_prefixed_caption(assets):
+    from transformers import AutoTokenizer, CLIPModel
+
+    from diffdistill.eval.clip_score import PROMPT_PREFIX, load_clip_scorer
+
+    scorer = load_clip_scorer(assets["clip"])
+    images = [np.random.default_rng(i).integers(0, 256, (256, 256, 3), dtype=np.uint8) for i in range(2)]
+    captions = ["a red cube", "the sea at night"]
+    ours = scorer.similarities(images, captions)
+
+    model = CLIPModel.from_pretrained(assets["clip"]).eval()
+    tokens = AutoTokenizer.from_pretrained(assets["clip"])([PROMPT_PREFIX + c for c in captions], padding=True,
+                                                           return_tensors="pt")
+    pixels = scorer.processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+    expected = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    assert "same model folder" in scorer.describe()["comparable_with"]
+
+
+# ---------------------------------------------------------------- the whole command
+
+
+def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = eval_args(assets, out, "--benchmark", "prompts", "--prompts", str(assets["prompts"]))
+
+    # First run: stopped after two of the three images.
+    real_save = coco._save_png
+    saved = []
+
+    def save_then_stop(array, path):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        real_save(array, path)
+        saved.append(path.name)
+
+    monkeypatch.setattr(coco, "_save_png", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(args)
+    first = sorted(p.name for p in (out / "images").glob("*.png"))
+    assert first == ["000000.png", "000001.png"]
+    assert not (out / "results.json").exists()
+    kept = {name: (out / "images" / name).read_bytes() for name in first}
+
+    # Second run: only the remainder is generated; the reference statistics come from the cache.
+    monkeypatch.setattr(coco, "_save_png", real_save)
+    extracted = []
+    real_extract = coco.extract_features
+    monkeypatch.setattr(coco, "extract_features", lambda paths, *a, **k: extracted.append(len(paths))
+                        or real_extract(paths, *a, **k))
+    capsys.readouterr()
+    assert run_eval(args) == 0
+    assert extracted == [3]  # the generated images only
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(3)]
+    assert all((out / "images" / name).read_bytes() == data for name, data in kept.items())
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["generation"]["found_on_disk"] == 2 and results["generation"]["generated_this_run"] == 1
+    assert results["protocol"]["num_generated"] == 3 and results["protocol"]["num_reference"] == 3
+    assert results["fid_label"] == "FID-3" and results["protocol"]["label"].startswith("FID-3, prompts file")
+    assert np.isfinite(results["fid"]) and results["fid"] >= 0 and np.isfinite(results["kid"])
+    assert -1 <= results["clip_score"]["value"] <= 1
+    assert results["speed"]["nfe"] == 2 * STEPS and results["speed"]["images_per_second"] > 0
+    assert results["extractor"]["kind"] == "torchscript"
+    table = capsys.readouterr().out
+    assert "| Protocol | FID | KID | CLIP score | images/s | NFE | s/image |" in table
+    assert "FID-3, prompts file prompts.txt" in table
+
+    # The FID is the one of the features written for KID, against the cached reference statistics.
+    from diffdistill.eval.fid import frechet_distance, load_statistics
+
+    features = np.load(out / "inception_features.npy").astype(np.float64)
+    assert features.shape == (3, 2048)
+    mu, sigma, count, _ = load_statistics(results["reference_statistics"])
+    assert count == 3
+    recomputed = frechet_distance(features.mean(axis=0), np.cov(features, rowvar=False), mu, sigma)
+    assert results["fid"] == pytest.approx(recomputed, rel=1e-6)
+
+
+def test_eval_on_coco_captions_labels_a_short_run(assets, tmp_path, capsys):
+    out = tmp_path / "coco"
+    assert run_eval(eval_args(assets, out, "--benchmark", "coco2014-30k", "--num", "2")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"]["label"] == "FID-2, COCO-2014 val (2 of the protocol's 30000: not comparable with FID-30k)"
+    captions = (out / "captions.txt").read_text().splitlines()
+    assert len(captions) == 2 and all(c.startswith("picture ") and "\n" not in c for c in captions)
+    assert "not comparable with FID-30k" in capsys.readouterr().out
+
+    # A finished run re-scores to the same numbers without generating.
+    assert run_eval(eval_args(assets, out, "--benchmark", "coco2014-30k", "--num", "2")) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["generation"]["generated_this_run"] == 0 and again["generation"]["found_on_disk"] == 2
+    assert again["fid"] == pytest.approx(results["fid"], rel=1e-12) and again["kid"] == pytest.approx(results["kid"])
+    assert again["speed"]["measured"] == "in an earlier run" and again["speed"]["nfe"] == 2 * STEPS
+
+
+def test_missing_inception_stops_before_generating(assets, tmp_path, monkeypatch, capsys):
+    from diffdistill.eval import run
+
+    monkeypatch.setattr(run, "load_pipeline", lambda *a: pytest.fail("loaded the pipeline without weights"))
+    monkeypatch.delenv("DIFFDISTILL_INCEPTION", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    args = eval_args(assets, tmp_path / "out", "--benchmark", "prompts", "--prompts", str(assets["prompts"]))
+    args.inception = None
+    assert run_eval(args) == 2
+    message = capsys.readouterr().err
+    assert TORCHSCRIPT_FILE in message and TORCHSCRIPT_URL in message and "DIFFDISTILL_INCEPTION" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_with_other_settings_is_refused(assets, tmp_path):
+    out = tmp_path / "run"
+    (out / "images").mkdir(parents=True)
+    (out / "generation.json").write_text(json.dumps({"seed": 123}))
+    with pytest.raises(SystemExit, match="other settings"):
+        run_eval(eval_args(assets, out, "--benchmark", "prompts", "--prompts", str(assets["prompts"])))
