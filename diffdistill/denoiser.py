@@ -26,13 +26,15 @@ class Denoiser(nn.Module):
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The backbone's native output (float32), e.g. for an epsilon-MSE loss."""
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        dtype = next(self.backbone.parameters()).dtype
+        first = next(self.backbone.parameters(), None)
+        dtype = first.dtype if first is not None else x_t.dtype  # an exact (parameter-free) teacher keeps x's dtype
         cond = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
         timestep = self.schedule.model_timestep(t).to(x_t.device)
-        return call_backbone(self.kind, self.backbone, x_t.to(dtype), timestep, cond).float()
+        out = call_backbone(self.kind, self.backbone, x_t.to(dtype), timestep, cond)
+        return out.to(torch.promote_types(out.dtype, torch.float32))  # at least float32; float64 stays
 
     def coefficients(self, t: torch.Tensor, ndim: int):
-        return append_dims(self.schedule.alpha(t), ndim), append_dims(self.schedule.sigma(t), ndim)
+        return append_dims(self.schedule.alpha(t, torch.float64), ndim), append_dims(self.schedule.sigma(t, torch.float64), ndim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, output: str = "x0") -> torch.Tensor:
         """x0 estimate; ``output="native"`` returns the raw prediction instead (one call, so that
@@ -41,9 +43,9 @@ class Denoiser(nn.Module):
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         if output == "native":
             return self.raw(x_t, t, cond)
-        alpha, sigma = self.coefficients(t, x_t.ndim)
-        x_t = x_t.float()
-        return param.to_x0(self.prediction_type, x_t, self.raw(x_t, t, cond), alpha.to(x_t.device), sigma.to(x_t.device))
+        x_t = x_t.to(torch.promote_types(x_t.dtype, torch.float32))
+        alpha, sigma = (c.to(x_t) for c in self.coefficients(t, x_t.ndim))
+        return param.to_x0(self.prediction_type, x_t, self.raw(x_t, t, cond), alpha, sigma)
 
     def native(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         return native_from_x0(self.schedule, self.prediction_type, x_t, t, x0)

@@ -23,6 +23,9 @@ SUPPORTED_BACKBONES = {
 
 
 def backbone_kind(model: torch.nn.Module) -> str:
+    """The family of a backbone; a module of ours declares it with a ``backbone_kind`` attribute."""
+    if isinstance(getattr(model, "backbone_kind", None), str):
+        return model.backbone_kind
     name = type(model).__name__
     if name not in SUPPORTED_BACKBONES:
         raise ValueError(
@@ -61,7 +64,28 @@ def _sd3(model, x, timestep, cond):
     )[0]
 
 
-_CALLS = {"unet": _unet, "dit": _dit, "pixart": _pixart, "sd3": _sd3}
+def _plain(model, x, timestep, cond):
+    """Our own small networks (toy benchmarks): ``model(x, timestep, cond)``."""
+    return model(x, timestep, cond)
+
+
+_CALLS = {"unet": _unet, "dit": _dit, "pixart": _pixart, "sd3": _sd3, "plain": _plain}
+
+
+def feature_module(model: torch.nn.Module) -> torch.nn.Module:
+    """Where a GAN head reads features: the UNet bottleneck (DMD2), a transformer's last block,
+    or a module our own networks name ``features``."""
+    if getattr(model, "mid_block", None) is not None:
+        return model.mid_block
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is not None and len(blocks) > 0:
+        return blocks[-1]
+    if isinstance(getattr(model, "features", None), torch.nn.Module):
+        return model.features
+    raise ValueError(
+        f"a GAN head needs features, and {type(model).__name__} has no mid_block, transformer_blocks or "
+        "features module to read them from; set method.gan_weight=0"
+    )
 
 
 def call_backbone(kind: str, model, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -36,6 +36,9 @@ class Teacher:
     schedule: object
     prediction_type: str
     path: str
+    make_student: object = None   # callable -> fresh backbone, where a copy of the teacher will not do (toy)
+    make_critic: object = None
+    data_shape: tuple | None = None  # per-sample shape, where the backbone has no sample_size (toy)
 
     def denoiser(self, backbone: torch.nn.Module | None = None):
         from diffdistill.denoiser import Denoiser
@@ -43,7 +46,9 @@ class Teacher:
         return Denoiser(self.backbone if backbone is None else backbone, self.schedule, self.prediction_type)
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
+    def latent_shape(self) -> tuple[int, ...]:
+        if self.data_shape is not None:
+            return tuple(self.data_shape)
         cfg = self.backbone.config
         size = cfg.sample_size
         return (cfg.in_channels, size, size)

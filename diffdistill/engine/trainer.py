@@ -39,9 +39,12 @@ def _unwrap(module):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, teacher=None, data=None):
+        """``teacher`` and ``data`` may be given as objects (benchmarks with exact teachers);
+        by default they are resolved from the recipe."""
         from accelerate import Accelerator
 
+        from diffdistill.conditioning import PromptCache
         from diffdistill.data.sources import build_data_source
         from diffdistill.methods import build_method
         from diffdistill.teachers import resolve_teacher
@@ -57,11 +60,14 @@ class Trainer:
             raise ValueError(f"batch_size={cfg.batch_size} must divide evenly into grad_accum={cfg.grad_accum} x {world} processes")
         self.local_batch = cfg.batch_size // (cfg.grad_accum * world)
         torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights (e.g. GAN heads) on every rank
-        self.teacher = resolve_teacher(cfg.teacher, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle,
-                                       trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
-        self.teacher.pipe.to(self.accelerator.device)
-        self.method = build_method(cfg.method, self.teacher, cfg)
-        self.data = build_data_source(cfg, self.teacher)
+        self.teacher = teacher or resolve_teacher(cfg.teacher, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle,
+                                                  trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+        if self.teacher.pipe is not None:
+            self.teacher.pipe.to(self.accelerator.device)
+        self.teacher.backbone.to(self.accelerator.device)
+        self.data = data or build_data_source(cfg, self.teacher)
+        self.method = build_method(cfg.method, self.teacher, cfg, self.data.prompts)
+        self.encode = PromptCache(self.teacher.pipe, self.accelerator.device) if self.teacher.pipe is not None else (lambda prompts: {})
         self._prepare()
 
     def _prepare(self) -> None:
@@ -85,6 +91,8 @@ class Trainer:
         batch = self.data.items(start, self.local_batch)
         if "x0" in batch:
             batch["x0"] = batch["x0"].to(acc.device)
+        batch["cond"] = self.encode(batch["prompts"])
+        batch["uncond"] = self.encode([""] * len(batch["prompts"]))
         batch["rng"] = step_random(cfg.seed, step, f"micro{micro}", acc.process_index, acc.num_processes, acc.device)
         batch["step"] = step
         return batch

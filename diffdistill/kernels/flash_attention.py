@@ -67,8 +67,12 @@ def attention_reference(q, k, v, scale=None):
     """
     scale = _default_scale(q) if scale is None else scale
     logits = torch.matmul(q, k.transpose(-2, -1)) * scale
-    probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+    probs = torch.softmax(_upcast_half(logits), dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
+
+
+def _upcast_half(x):
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _default_scale(q):

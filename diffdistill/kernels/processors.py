@@ -30,7 +30,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .flash_attention import attention_reference, flash_attention, triton_available
+from .flash_attention import _upcast_half, attention_reference, flash_attention, triton_available
 
 __all__ = ["FlashAttnProcessor", "FlashJointAttnProcessor", "use_fused_attention", "xformers_available"]
 
@@ -75,7 +75,7 @@ def masked_attention(q, k, v, scale, mask):
         logits = logits.masked_fill(~mask, float("-inf"))
     else:
         logits = logits + mask
-    probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+    probs = torch.softmax(_upcast_half(logits), dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
 

@@ -38,9 +38,9 @@ class Method(Protocol):
         """x0 latents from the current generator, as a user would sample it."""
 
 
-# name -> (options dataclass, builder(options, teacher, train_cfg) -> Method)
+# name -> (options dataclass, builder(options, teacher, train_cfg, prompts) -> Method)
 METHODS: dict[str, tuple[type, Callable]] = {}
-_MODULES = ("sft",)  # imported on first use so a recipe's method registers itself
+_MODULES = ("sft", "kd", "dmd", "dmd2")  # imported on first use so a recipe's method registers itself
 
 
 def register_method(name: str, options_cls: type):
@@ -77,6 +77,10 @@ def method_options(spec: dict):
         raise ConfigError(f"method {name}: {e}") from e
 
 
-def build_method(spec: dict, teacher, train_cfg) -> Method:
+def build_method(spec: dict, teacher, train_cfg, prompts: list[str] = ()) -> Method:
+    """``prompts`` are the training prompts, for methods that precompute teacher outputs (DMD's pairs)."""
     name, options = method_options(spec)
-    return METHODS[name][1](options, teacher, train_cfg)
+    try:
+        return METHODS[name][1](options, teacher, train_cfg, list(prompts) or [""])
+    except ValueError as e:
+        raise ConfigError(f"method {name}: {e}") from e

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from diffdistill.conditioning import PromptCache
 from diffdistill.denoiser import native_from_x0
 from diffdistill.methods.base import register_method
 from diffdistill.sampling import ddim_sample
@@ -30,13 +29,10 @@ class SFT:
     phases = ("generator",)
 
     def __init__(self, options: SFTOptions, teacher):
-        if teacher.pipe is None:
-            raise ValueError("sft needs the teacher's pipeline (text encoder) to encode prompts")
         self.options, self.teacher = options, teacher
         self.schedule = teacher.schedule
         generator = teacher.denoiser(copy.deepcopy(teacher.backbone).requires_grad_(True).train())
         self.nets = {"generator": generator}
-        self.encode = PromptCache(teacher.pipe)
         self.sample_timesteps = make_timestep_sampler(options.timesteps)
         self.default_sample_steps = options.sample_steps
 
@@ -54,7 +50,7 @@ class SFT:
         eps = rng.randn_like(x0)
         x_t = add_noise(self.schedule, x0, eps, t)
         generator = self.nets["generator"]
-        prediction = generator(x_t, t, self.encode(batch["prompts"]), output="native")
+        prediction = generator(x_t, t, batch["cond"], output="native")
         target = native_from_x0(self.schedule, self.teacher.prediction_type, x_t, t, x0)
         loss = (prediction - target).square().flatten(1).mean(1)
         return loss, {"loss_sft": loss.mean().item()}
@@ -69,5 +65,5 @@ class SFT:
 
 
 @register_method("sft", SFTOptions)
-def build_sft(options: SFTOptions, teacher, train_cfg) -> SFT:
+def build_sft(options: SFTOptions, teacher, train_cfg, prompts) -> SFT:
     return SFT(options, teacher)

@@ -1,0 +1,55 @@
+"""The one- and few-step student: sampling it, with and without gradient.
+
+One step (DMD, DMD2 SD1.5): ``x = G(eps, t_init, c)``. DMD2 feeds unscaled noise at t = 999 for
+SD1.5 and conditions on t = 399 for one-step SDXL; ``t_init`` is an option.
+
+Few steps (DMD2 Sec. 4.4): timesteps ``t_0 > t_1 > ...``; each step predicts x0 and re-noises it
+with fresh noise to the next timestep. **Backward simulation**: a training input for step k is
+produced by running the student's own sampler for k steps without gradient, not by noising data,
+so the student trains on the inputs it will see at inference. Only the last step keeps its graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffdistill.schedules import add_noise
+
+
+def check_timesteps(schedule, timesteps: list[float]) -> list[float]:
+    for t in timesteps:
+        if not schedule.t_min <= t <= schedule.t_max:
+            raise ValueError(f"generator timestep {t} is outside the schedule's [{schedule.t_min}, {schedule.t_max}]")
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"generator timesteps {timesteps} must decrease")
+    return [float(t) for t in timesteps]
+
+
+def generate(generator, schedule, timesteps: list[float], noise: torch.Tensor, cond: dict, rng, steps_with_grad_from: int | None = None,
+             num_steps: int | None = None) -> torch.Tensor:
+    """Runs ``num_steps`` (default all) steps of the student's sampler from ``noise``.
+
+    Steps before ``steps_with_grad_from`` run under ``no_grad`` (backward simulation); fresh noise
+    for each re-noising comes from ``rng`` so every rank and resumed run draws the same.
+    """
+    num_steps = len(timesteps) if num_steps is None else num_steps
+    grad_from = num_steps - 1 if steps_with_grad_from is None else steps_with_grad_from
+    x, n = noise, noise.shape[0]
+    x0 = None
+    for i in range(num_steps):
+        t = torch.full((n,), timesteps[i], device=noise.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from):
+            x0 = generator(x, t, cond)
+        if i + 1 < num_steps:
+            x = add_noise(schedule, x0.detach() if i < grad_from else x0, rng.randn_like(x0), torch.full((n,), timesteps[i + 1], device=noise.device))
+    return x0
+
+
+def backward_simulation(generator, schedule, timesteps: list[float], cond: dict, rng, shape) -> torch.Tensor:
+    """DMD2's training sample: k ~ U{0..K-1} no-grad steps from noise, then one step with gradient.
+
+    The number of steps is drawn once for the whole global batch (all ranks agree).
+    """
+    k = rng.shared_randint(0, len(timesteps)) if len(timesteps) > 1 else 0
+    noise = rng.randn(shape)
+    return generate(generator, schedule, timesteps, noise, cond, rng, steps_with_grad_from=k, num_steps=k + 1)

@@ -1,0 +1,171 @@
+"""DMD: Distribution Matching Distillation (Yin et al., CVPR 2024).
+
+The generator descends a t-weighted reverse KL between its noised distribution and the teacher's,
+KL(p_fake,t || p_real,t), whose gradient is (Eq. 7) E[ w_t alpha_t (s_fake - s_real)(x_t) dx/dtheta ].
+In x0 form, with DMD2's normalization (its ``compute_distribution_matching_loss``):
+
+    g = (D_fake(x_t) - D_real^w(x_t)) / mean_CHW |x - D_real^w(x_t)|        (both without gradient)
+    L_DM = 0.5 * mean((x - sg(x - g))^2)    so that  dL_DM/dx = g / numel
+
+plus a regression loss (Eq. 9) on noise->image pairs from the teacher's deterministic ODE
+sampler, generated once and kept: L_reg = MSE(G(z_ref), y_ref) (the paper uses LPIPS in pixel
+space; we use MSE on latents, since LPIPS weights cannot be fetched here).
+The fake score trains by denoising score matching on generator samples, one update per
+generator update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from diffdistill.conditioning import encode_prompts
+from diffdistill.engine.random import BatchRandom, derive_seed
+from diffdistill.generator import backward_simulation, check_timesteps, generate
+from diffdistill.methods.base import register_method
+from diffdistill.sampling import ddim_sample
+from diffdistill.schedules import UniformTimesteps, add_noise
+from diffdistill.scores import ScoreEngine, fake_score_loss, make_critic
+
+
+def default_range(schedule, lo_frac: float, hi_frac: float):
+    """DMD2's ranges are given in 1000ths of the schedule: U{20..980} for VP, U[0.02, 0.98] for flow."""
+    if schedule.kind == "vp":
+        return UniformTimesteps(round(lo_frac * schedule.num_train_timesteps), round(hi_frac * schedule.num_train_timesteps), integer=True)
+    return UniformTimesteps(lo_frac, hi_frac)
+
+
+def distribution_matching_grad(engine: ScoreEngine, x, t, eps, cond, uncond, guidance, normalize: bool = True) -> tuple[torch.Tensor, dict]:
+    """g = (D_fake - D_real^w) / mean|x - D_real^w| at x_t = alpha_t x + sigma_t eps, without gradient.
+
+    ``normalize=False`` leaves g = D_fake - D_real^w, which is sigma_t^2 / alpha_t times the score
+    difference (s_fake - s_real)(x_t): the form whose expectation is a closed-form KL gradient.
+    """
+    with torch.no_grad():
+        x_t = add_noise(engine.teacher_denoiser.schedule, x.detach(), eps, t)
+        x0_real = engine.real(x_t, t, cond, uncond, guidance)
+        x0_fake = engine.fake(x_t, t, cond, grad=False)
+        grad = x0_fake - x0_real
+        if normalize:
+            weight = (x.detach() - x0_real).abs().flatten(1).mean(1).clamp_min(1e-8)
+            grad = grad / weight.view(-1, *([1] * (x.ndim - 1)))
+        grad = torch.nan_to_num(grad)
+    return grad, {"dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+
+
+def surrogate_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Per-sample 0.5 * mean((x - sg(x - g))^2): its gradient in x is g / numel (the "VSD surrogate")."""
+    return 0.5 * (x - (x - grad).detach()).square().flatten(1).mean(1)
+
+
+@dataclass
+class RegressionPairs:
+    noise: torch.Tensor
+    target: torch.Tensor
+    cond: dict
+
+
+@torch.no_grad()
+def make_regression_pairs(teacher, prompts: list[str], count: int, steps: int, guidance: float, seed: int) -> RegressionPairs:
+    """Noise -> image pairs from the teacher's deterministic DDIM ODE sampler (DMD Sec. 3.3)."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "regression-pairs"))
+    chosen = [prompts[i] for i in torch.randint(len(prompts), (count,), generator=g).tolist()]
+    noise = torch.randn((count, *teacher.latent_shape), generator=g)
+    device = next(teacher.backbone.parameters(), torch.zeros(())).device
+    cond = encode_prompts(teacher.pipe, chosen, device) if teacher.pipe is not None else {}
+    uncond = encode_prompts(teacher.pipe, [""] * count, device) if teacher.pipe is not None and guidance != 1.0 else None
+    timesteps = teacher.schedule.sampling_timesteps(steps)
+    target = torch.cat([
+        ddim_sample(teacher.denoiser(), noise[i : i + 64].to(device), timesteps, _rows(cond, i), _rows(uncond, i) if uncond else None, guidance)
+        for i in range(0, count, 64)
+    ])
+    return RegressionPairs(noise, target.cpu(), cond)
+
+
+def _rows(cond: dict, start: int, size: int = 64) -> dict:
+    return {k: v[start : start + size] for k, v in cond.items()}
+
+
+def regression_loss(generator, pairs: RegressionPairs, t_init: float, rng, n: int) -> torch.Tensor:
+    """Per-sample MSE of the one-step student on a random minibatch of teacher ODE pairs."""
+    index = rng.randint(0, len(pairs.noise), (n,)).cpu()
+    noise = pairs.noise[index].to(rng.device)
+    cond = {k: v[index].to(rng.device) for k, v in pairs.cond.items()}
+    x = generator(noise, torch.full((n,), t_init, device=rng.device), cond)
+    return (x - pairs.target[index].to(rng.device)).square().flatten(1).mean(1)
+
+
+@dataclass
+class DMDOptions:
+    guidance: float = 3.0                  # teacher CFG w in uncond + w (cond - uncond) (DMD's COCO model; not verified)
+    t_init: float | None = None            # the generator's timestep; None: the schedule's end (999 / 1.0)
+    regression_weight: float = 0.25        # lambda_reg (DMD Eq. 9; not verified)
+    regression_pairs: int = 256            # teacher ODE pairs kept in memory
+    regression_steps: int = 50             # DDIM steps of the teacher ODE sampler
+    dm_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])     # DM term t, in 1000ths of the schedule
+    critic_t_range: list[float] = field(default_factory=lambda: [0.0, 0.999])  # critic t (DMD: all of 0..999)
+    critic_loss: str = "native"            # native (eps-MSE for SD) | x0
+    critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
+
+
+class DMD:
+    phases = ("generator", "critic")
+    default_sample_steps = 1
+
+    def __init__(self, options: DMDOptions, teacher, prompts: list[str], seed: int):
+        self.options, self.teacher, self.schedule = options, teacher, teacher.schedule
+        t_init = self.schedule.t_max if options.t_init is None else options.t_init
+        self.timesteps = check_timesteps(self.schedule, [t_init])
+        generator = teacher.make_student() if teacher.make_student else __import__("copy").deepcopy(teacher.backbone)
+        self.nets = {"generator": teacher.denoiser(generator.requires_grad_(True).train()), "critic": make_critic(teacher, options.critic_lora_rank)}
+        self.engine = ScoreEngine(teacher, self.nets)
+        self.dm_times = default_range(self.schedule, *options.dm_t_range)
+        self.critic_times = default_range(self.schedule, *options.critic_t_range)
+        self.pairs = make_regression_pairs(teacher, prompts, options.regression_pairs, options.regression_steps, options.guidance, seed) if options.regression_weight > 0 else None
+
+    def phase(self, step: int) -> str:
+        return "generator" if step % 2 == 0 else "critic"  # DMD: one fake-score update per generator update
+
+    def phase_nets(self, phase: str) -> list[str]:
+        return ["generator"] if phase == "generator" else ["critic"]
+
+    def _student(self, batch, n):
+        return backward_simulation(self.nets["generator"], self.schedule, self.timesteps, batch["cond"], batch["rng"], (n, *self.teacher.latent_shape))
+
+    def generator_loss(self, batch):
+        rng, n = batch["rng"], len(batch["prompts"])
+        x = self._student(batch, n)
+        t = self.dm_times(self.schedule, n, rng).to(x.device)
+        grad, logs = distribution_matching_grad(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], self.options.guidance)
+        loss = surrogate_loss(x, grad)
+        logs["loss_dm"] = loss.mean().item()
+        if self.pairs is not None:
+            reg = regression_loss(self.nets["generator"], self.pairs, self.timesteps[0], rng, n)
+            loss = loss + self.options.regression_weight * reg
+            logs["loss_reg"] = reg.mean().item()
+        return loss, logs
+
+    def critic_loss(self, batch):
+        rng, n = batch["rng"], len(batch["prompts"])
+        with torch.no_grad():
+            x = self._student(batch, n)
+        t = self.critic_times(self.schedule, n, rng).to(x.device)
+        loss = fake_score_loss(self.nets["critic"], self.schedule, self.teacher.prediction_type, x, t, rng.randn_like(x), batch["cond"], self.options.critic_loss)
+        return loss, {"loss_fake": loss.mean().item()}
+
+    def sample(self, noise, cond, uncond, steps, guidance, generator=None):
+        return sample_student(self.nets["generator"], self.schedule, self.timesteps, noise, cond, generator)
+
+
+@torch.no_grad()
+def sample_student(generator, schedule, timesteps, noise, cond, torch_generator=None):
+    """What a user gets: the student's own few-step sampler (guidance is baked in by training)."""
+    generator = getattr(generator, "module", generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch_generator)) if torch_generator is not None else 0
+    return generate(generator, schedule, timesteps, noise, cond, BatchRandom(seed, device=noise.device))
+
+
+@register_method("dmd", DMDOptions)
+def build_dmd(options: DMDOptions, teacher, train_cfg, prompts) -> DMD:
+    return DMD(options, teacher, prompts, train_cfg.seed)

@@ -1,0 +1,122 @@
+"""DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024).
+
+Differences from DMD (Sec. 4): no regression loss; a two time-scale update rule, ``ratio``
+critic updates per generator update (10 for SD1.5, 5 for SDXL and ImageNet); a GAN loss whose
+classifier reads the critic's bottleneck features at diffusion-noised inputs; and few-step
+students trained by backward simulation. In our notation:
+
+    generator:  L_G = L_DM + lambda_G * softplus(-l(x~_fake))                      (Eq. 6 / Sec. 4.3)
+    critic:     L_F = DSM(F; sg(G(z))) + lambda_D * [softplus(l(x~_fake)) + softplus(-l(x~_real))]
+
+with x~ = alpha_t x + sigma_t eps', t ~ U over the critic's range. Settings from the paper and
+its official code (``main/sd_guidance.py``, ``main/train_sd.py``): SD1.5 guidance 1.75 in
+``uncond + w (cond - uncond)``, lambda_G 1e-3, lambda_D 1e-2, DM term t in U{20..980}, critic t
+in U{0..999}, AdamW lr 1e-5 for both nets, grad-norm clip 10, 500 warm-up steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from diffdistill.conditioning import encode_prompts
+from diffdistill.generator import backward_simulation, check_timesteps
+from diffdistill.methods.base import register_method
+from diffdistill.methods.dmd import default_range, distribution_matching_grad, sample_student, surrogate_loss
+from diffdistill.schedules import add_noise
+from diffdistill.scores import ScoreEngine, build_gan_head, fake_score_loss, make_critic
+
+
+@dataclass
+class DMD2Options:
+    guidance: float = 1.75                 # teacher CFG w (SD1.5: 1.75, SDXL: 8)
+    timesteps: list[float] | None = None   # student timesteps; None: one step from the schedule's end (999 / 1.0)
+    ratio: int = 10                        # critic updates per generator update (SD1.5: 10; SDXL, ImageNet: 5)
+    dm_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])      # DM term t, 1000ths of the schedule
+    critic_t_range: list[float] = field(default_factory=lambda: [0.0, 0.999])  # critic and GAN noising t
+    gan_weight: float = 0.0                # lambda_G on the generator (SD1.5 stage 2: 1e-3; SDXL 5e-3); 0: no GAN
+    gan_critic_weight: float = 1e-2        # lambda_D on the classifier's loss, added to the critic's
+    gan_features: str = "critic"           # critic (DMD2) | teacher (FastGen)
+    critic_loss: str = "native"            # native (eps-MSE for SD, as DMD2) | x0
+    critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
+
+
+class DMD2:
+    phases = ("generator", "critic")
+
+    def __init__(self, options: DMD2Options, teacher):
+        if options.ratio < 1:
+            raise ValueError(f"method.ratio={options.ratio}: need at least one critic update per generator update")
+        self.options, self.teacher, self.schedule = options, teacher, teacher.schedule
+        timesteps = options.timesteps or [self.schedule.t_max]
+        self.timesteps = check_timesteps(self.schedule, timesteps)
+        self.default_sample_steps = len(self.timesteps)
+        generator = teacher.make_student() if teacher.make_student else copy.deepcopy(teacher.backbone)
+        self.nets = {"generator": teacher.denoiser(generator.requires_grad_(True).train()), "critic": make_critic(teacher, options.critic_lora_rank)}
+        if options.gan_weight > 0:
+            self.nets["gan_head"] = self._gan_head()
+        self.engine = ScoreEngine(teacher, self.nets, gan_name="gan_head" if options.gan_weight > 0 else None, gan_features=options.gan_features)
+        self.dm_times = default_range(self.schedule, *options.dm_t_range)
+        self.critic_times = default_range(self.schedule, *options.critic_t_range)
+
+    def _gan_head(self):
+        x = torch.zeros((1, *self.teacher.latent_shape))
+        cond = encode_prompts(self.teacher.pipe, [""]) if self.teacher.pipe is not None else {}
+        source = self.nets["critic"] if self.options.gan_features == "critic" else self.teacher.denoiser()
+        return build_gan_head(source, x, torch.full((1,), self.schedule.t_max / 2), cond)
+
+    def phase(self, step: int) -> str:
+        """``ratio`` critic steps, then one generator step (DMD2's TTUR as data, not a flag)."""
+        return "generator" if step % (self.options.ratio + 1) == self.options.ratio else "critic"
+
+    def phase_nets(self, phase: str) -> list[str]:
+        return ["generator"] if phase == "generator" else [k for k in ("critic", "gan_head") if k in self.nets]
+
+    def _student(self, batch, n):
+        return backward_simulation(self.nets["generator"], self.schedule, self.timesteps, batch["cond"], batch["rng"], (n, *self.teacher.latent_shape))
+
+    def _noised(self, x, rng):
+        t = self.critic_times(self.schedule, x.shape[0], rng).to(x.device)
+        return add_noise(self.schedule, x, rng.randn_like(x), t), t
+
+    def generator_loss(self, batch):
+        rng, n = batch["rng"], len(batch["prompts"])
+        x = self._student(batch, n)
+        t = self.dm_times(self.schedule, n, rng).to(x.device)
+        grad, logs = distribution_matching_grad(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], self.options.guidance)
+        loss = surrogate_loss(x, grad)
+        logs["loss_dm"] = loss.mean().item()
+        if self.options.gan_weight > 0:
+            logits, _ = self.engine.gan_logits(*self._noised(x, rng), batch["cond"])
+            gan = F.softplus(-logits)
+            loss = loss + self.options.gan_weight * gan
+            logs["loss_gan_g"] = gan.mean().item()
+        return loss, logs
+
+    def critic_loss(self, batch):
+        rng, n = batch["rng"], len(batch["prompts"])
+        with torch.no_grad():
+            x = self._student(batch, n)
+        t = self.critic_times(self.schedule, n, rng).to(x.device)
+        loss = fake_score_loss(self.nets["critic"], self.schedule, self.teacher.prediction_type, x, t, rng.randn_like(x), batch["cond"], self.options.critic_loss)
+        logs = {"loss_fake": loss.mean().item()}
+        if self.options.gan_weight > 0:
+            if "x0" not in batch:
+                raise ValueError("DMD2's GAN loss needs real images: set data.source to imagefolder or digits, or method.gan_weight=0")
+            fake_logits, _ = self.engine.gan_logits(*self._noised(x, rng), batch["cond"])
+            real_logits, _ = self.engine.gan_logits(*self._noised(batch["x0"], rng), batch["cond"])
+            disc = F.softplus(fake_logits) + F.softplus(-real_logits)
+            loss = loss + self.options.gan_critic_weight * disc
+            logs.update(loss_gan_d=disc.mean().item(), real_logit=real_logits.mean().item(), fake_logit=fake_logits.mean().item())
+        return loss, logs
+
+    def sample(self, noise, cond, uncond, steps, guidance, generator=None):
+        return sample_student(self.nets["generator"], self.schedule, self.timesteps, noise, cond, generator)
+
+
+@register_method("dmd2", DMD2Options)
+def build_dmd2(options: DMD2Options, teacher, train_cfg, prompts) -> DMD2:
+    return DMD2(options, teacher)

@@ -1,0 +1,164 @@
+"""The fake-score / real-score engine that every distribution-matching method stands on.
+
+* **real score** -- the frozen teacher Denoiser, no gradients by default (SiD and SIM ask for
+  gradients through its *input*), optionally held in a lower precision;
+* **fake score** -- a trainable critic initialized from the teacher (a full copy, or LoRA
+  adapters on a frozen copy) and trained by denoising score matching on generator samples;
+* **guidance** -- classifier-free guidance in x0 space with one convention,
+  ``D_w = D(uncond) + w * (D(cond) - D(uncond))``, so ``w = 1`` is the conditional model
+  (DMD2, SiD-LSG, rCM; LCM's "w" is our ``w - 1``);
+* **GAN head** -- an optional classifier on features of the critic (DMD2) or of the teacher
+  (FastGen), read with a forward hook on the backbone's bottleneck.
+
+Scores are returned as x0 predictions; ``param.score_from_x0`` turns one into a score.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from diffdistill.backbones import feature_module
+from diffdistill.conditioning import cond_cat
+
+
+def cfg_combine(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, w) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) as ``uncond + w (cond - uncond)``."""
+    return x0_uncond + w * (x0_cond - x0_uncond)
+
+
+def guided(denoiser, x_t, t, cond, uncond, w):
+    """Runs cond and uncond in one batch; ``w`` may be a float or a per-sample tensor."""
+    if uncond is None or (not torch.is_tensor(w) and w == 1.0):
+        return denoiser(x_t, t, cond)
+    both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(uncond, cond))
+    x0_uncond, x0_cond = both.chunk(2)
+    if torch.is_tensor(w):
+        w = w.view(-1, *([1] * (x_t.ndim - 1)))
+    return cfg_combine(x0_uncond, x0_cond, w)
+
+
+def make_critic(teacher, lora_rank: int = 0, lora_alpha: float | None = None):
+    """The fake score's Denoiser: a trainable full copy of the teacher, or LoRA on a frozen copy."""
+    backbone = teacher.make_critic() if teacher.make_critic is not None else copy.deepcopy(teacher.backbone)
+    backbone.train()
+    if lora_rank <= 0:
+        return teacher.denoiser(backbone.requires_grad_(True))
+    from peft import LoraConfig, inject_adapter_in_model
+
+    backbone.requires_grad_(False)
+    names = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    targets = [t for t in LORA_TARGETS if any(name.endswith(t) for name in names)]
+    if not targets:
+        raise ValueError(f"no attention projections ({', '.join(LORA_TARGETS)}) in {type(backbone).__name__} to put LoRA on; use a full critic (critic_lora_rank=0)")
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets, init_lora_weights="gaussian")
+    inject_adapter_in_model(config, backbone)
+    return teacher.denoiser(backbone)
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA scripts
+
+
+class FeatureTap:
+    """Captures the output of a backbone's feature module during a forward pass."""
+
+    def __init__(self, backbone: nn.Module):
+        self.module = feature_module(getattr(backbone, "module", backbone))
+        self.value = None
+
+    @contextlib.contextmanager
+    def reading(self):
+        def hook(module, args, output):
+            self.value = output[0] if isinstance(output, tuple) else output
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+
+class GANHead(nn.Module):
+    """A small classifier on backbone features, giving one logit per sample.
+
+    DMD2 (Yin et al. 2024, Sec. 4.3) stacks strided convs, GroupNorm and SiLU on the SD UNet's
+    bottleneck; we keep that shape but end in global pooling, so it fits any feature size:
+    image features (B, C, H, W), token features (B, N, C) or vectors (B, C).
+    """
+
+    def __init__(self, channels: int, ndim: int, width: int = 256):
+        super().__init__()
+        self.ndim = ndim
+        if ndim == 4:
+            groups = 32 if channels % 32 == 0 else 8 if channels % 8 == 0 else 1
+            self.net = nn.Sequential(
+                nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1),
+            )
+        else:
+            self.net = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.net(features.float())
+        return out.mean(1).squeeze(-1) if self.ndim == 3 else out.squeeze(-1)
+
+
+def build_gan_head(denoiser, example_x: torch.Tensor, t: torch.Tensor, cond: dict) -> GANHead:
+    """Sizes a head by running the backbone once on an example batch and reading its features."""
+    tap = FeatureTap(denoiser.backbone)
+    with torch.no_grad(), tap.reading():
+        denoiser(example_x, t, cond)
+    return GANHead(tap.value.shape[-1] if tap.value.ndim == 3 else tap.value.shape[1], tap.value.ndim)
+
+
+class ScoreEngine:
+    """Real and fake x0 predictions, guidance and GAN logits, for a method's losses.
+
+    Holds references, not copies: ``nets`` is the method's dict, so DDP-wrapped critics are used.
+    """
+
+    def __init__(self, teacher, nets: dict, critic_name: str = "critic", gan_name: str | None = None, gan_features: str = "critic"):
+        if gan_features not in ("critic", "teacher"):
+            raise ValueError(f"gan_features={gan_features!r}: choose critic or teacher")
+        self.teacher_denoiser = teacher.denoiser()
+        self.nets, self.critic_name, self.gan_name, self.gan_features = nets, critic_name, gan_name, gan_features
+
+    def real(self, x_t, t, cond, uncond=None, guidance=1.0, grad: bool = False):
+        """The teacher's (guided) x0. ``grad=True`` keeps the graph to x_t (never to the teacher's weights)."""
+        with torch.set_grad_enabled(grad):
+            return guided(self.teacher_denoiser, x_t, t, cond, uncond, guidance)
+
+    def fake(self, x_t, t, cond, uncond=None, guidance=1.0, grad: bool = True):
+        with torch.set_grad_enabled(grad):
+            return guided(self.nets[self.critic_name], x_t, t, cond, uncond, guidance)
+
+    def gan_logits(self, x_t, t, cond):
+        """Logits of the GAN head on features of (critic or teacher) at (x_t, t); graph kept to x_t."""
+        net = self.nets[self.critic_name] if self.gan_features == "critic" else self.teacher_denoiser
+        tap = FeatureTap(net.module.backbone if hasattr(net, "module") else net.backbone)
+        with tap.reading():
+            x0 = net(x_t, t, cond)
+        return self.nets[self.gan_name](tap.value), x0
+
+
+def fake_score_loss(critic, schedule, prediction_type: str, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: dict, space: str = "native") -> torch.Tensor:
+    """Denoising score matching of the critic on (detached) generator samples, per sample.
+
+    ``native``: MSE in the backbone's own prediction type (eps-MSE for SD, as DMD2 trains its fake
+    UNet); ``x0``: MSE on x0 (DMD2's ImageNet critic, FastGen's SD critic).
+    """
+    from diffdistill.denoiser import native_from_x0
+    from diffdistill.schedules import add_noise
+
+    x = x.detach()
+    x_t = add_noise(schedule, x, eps, t)
+    if space == "native":
+        target = native_from_x0(schedule, prediction_type, x_t, t, x)
+        return (critic(x_t, t, cond, output="native") - target).square().flatten(1).mean(1)
+    if space == "x0":
+        return (critic(x_t, t, cond) - x).square().flatten(1).mean(1)
+    raise ValueError(f"critic loss space {space!r}: choose native or x0")
