@@ -124,7 +124,9 @@ def _coerce(value, annotation, key: str):
                 pass
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes as a boolean
+            return "no" if value is False else "yes"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}")
     if annotation is dict:

@@ -35,8 +35,13 @@ class DataSource:
     def items(self, start: int, n: int) -> dict:
         """Items at global positions start .. start+n-1 of the endless, per-epoch shuffled stream."""
         positions = range(start, start + n)
-        index = torch.stack([self._order(p // len(self))[p % len(self)] for p in positions])
-        drop = [torch.rand((), generator=torch.Generator().manual_seed(derive_seed(self.seed, "uncond", p))) < self.uncond_prob for p in positions]
+        epoch, offset = divmod(start, len(self))
+        if offset + n <= len(self):  # the common case: one slice of one epoch's order
+            index = self._order(epoch)[offset : offset + n]
+        else:
+            index = torch.stack([self._order(p // len(self))[p % len(self)] for p in positions])
+        drop = [self.uncond_prob > 0 and torch.rand((), generator=torch.Generator().manual_seed(derive_seed(self.seed, "uncond", p))) < self.uncond_prob
+                for p in positions]
         batch = {"prompts": ["" if d else self.prompts[i] for d, i in zip(drop, index.tolist())]}
         if self.latents is not None:
             batch["x0"] = self.latents[index]

@@ -31,6 +31,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's)")
     parser.add_argument("--guidance", type=float, help="guidance_scale (default: the pipeline's)")
     parser.add_argument("--resolution", type=int, help="generated height and width in px (default: the pipeline's)")
+    parser.add_argument("--scheduler", metavar="CLASS",
+                        help="swap the pipeline's scheduler for this diffusers class built from the same config, "
+                             "e.g. DDIMScheduler for the teacher's 50-step ODE reference")
     parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call and per Inception batch")
     parser.add_argument("--seed", type=int, default=0, help="image i is drawn with seed SEED + i")
     parser.add_argument("--caption-seed", type=int, default=0, help="seed of the COCO caption selection")
@@ -96,7 +99,7 @@ def _device_and_dtype(args):
     return device, getattr(torch, dtype_name)
 
 
-def load_pipeline(pipeline_dir: str, device: str, dtype):
+def load_pipeline(pipeline_dir: str, device: str, dtype, scheduler: str | None = None):
     """Any diffusers pipeline folder, local files and safetensors only; the safety checker is left out,
     as in the papers' evaluations (it blanks images, which would count against FID)."""
     from diffusers import DiffusionPipeline
@@ -110,6 +113,13 @@ def load_pipeline(pipeline_dir: str, device: str, dtype):
         pipeline_dir, torch_dtype=dtype, local_files_only=True, use_safetensors=True, **extra
     )
     pipeline.set_progress_bar_config(disable=True)
+    if scheduler:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, scheduler, None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            raise SystemExit(f"--scheduler {scheduler} is not a diffusers scheduler class")
+        pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
     return pipeline.to(device)
 
 
@@ -205,11 +215,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run(args) -> int:
-    import numpy as np
-
     from diffdistill.eval import clip_score, coco
-    from diffdistill.eval.fid import InceptionFeatureExtractor, fid_label, frechet_distance, kernel_inception_distance
-    from diffdistill.eval.fid import resolve_inception_path
+    from diffdistill.eval.fid import InceptionFeatureExtractor, resolve_inception_path
 
     # 1. Everything that can be missing is looked up before any work.
     inception_path = resolve_inception_path(args.inception)
@@ -217,23 +224,22 @@ def _run(args) -> int:
     if clip_path is not None:
         clip_score.check_clip_backend(clip_path)
     title, nominal, captions, split, annotations = _captions_and_reference(args)
-    reference_paths = coco.reference_image_paths(args.coco, split, annotations)
+    coco.reference_image_paths(args.coco, split, annotations)  # missing COCO images fail now, not after generating
     num = len(captions.captions)
-    label = protocol_label(num, nominal, title)
 
     device, dtype = _device_and_dtype(args)
     extractor = InceptionFeatureExtractor.load(inception_path, device)
-    pipeline = load_pipeline(args.pipeline_dir, device, dtype)
+    pipeline = load_pipeline(args.pipeline_dir, device, dtype, args.scheduler)
     call_kwargs = coco.pipeline_call_kwargs(pipeline, args.steps, args.guidance, args.resolution)
-
+    scheduler = type(pipeline.scheduler).__name__
     out_dir = Path(args.out or Path("diffdistill-eval") / f"{Path(args.pipeline_dir).name}-{args.benchmark}-{num}")
-    image_dir = out_dir / "images"
     _check_manifest(out_dir, {
         "pipeline": str(Path(args.pipeline_dir).resolve()),
         "captions_sha256": captions.sha256,
         "seed": args.seed,
         "call": call_kwargs,
         "dtype": str(dtype),
+        "scheduler": scheduler,
     })
     (out_dir / "captions.txt").write_text("\n".join(captions.captions) + "\n", encoding="utf-8")
 
@@ -247,37 +253,18 @@ def _run(args) -> int:
 
     # 3. Generation, resuming from the images already on disk.
     generation = coco.generate_images(
-        pipeline, captions.captions, image_dir, batch_size=args.batch_size, seed=args.seed, call_kwargs=call_kwargs
+        pipeline, captions.captions, out_dir / "images", batch_size=args.batch_size, seed=args.seed,
+        call_kwargs=call_kwargs,
     )
     speed = _speed(out_dir, generation, args.batch_size, device)
     del pipeline  # free the accelerator for the feature networks
-    if device.startswith("cuda"):
-        import torch
+    _empty_cuda_cache(device)
 
-        torch.cuda.empty_cache()
-
-    # 4. Features and CLIP score of the generated images, one streaming pass.
-    scorer = clip_score.load_clip_scorer(clip_path, device) if clip_path is not None else None
-    clip_mean = clip_score.RunningMean()
-
-    def score_clip(start, images):
-        if scorer is not None:
-            clip_mean.update(scorer.similarities(list(images), captions.captions[start : start + len(images)]))
-
-    generated_features = out_dir / "inception_features.npy"
-    stats = coco.extract_features(
-        [coco.image_path(image_dir, i) for i in range(num)], extractor, batch_size=args.batch_size,
-        workers=args.workers, features_path=generated_features, on_batch=score_clip, desc="generated images",
-    )
-    fid = frechet_distance(stats.mean, stats.covariance, reference.mu, reference.sigma)
-    kid = kernel_inception_distance(
-        reference.features(), np.load(generated_features, mmap_mode="r"),
-        num_subsets=args.kid_subsets, max_subset_size=args.kid_subset_size, seed=0,
-    )
-
+    # 4. Scores of the generated images.
+    scores = _score_generated(args, out_dir, captions.captions, extractor, reference, clip_path, device)
     results = {
         "protocol": {
-            "label": label,
+            "label": protocol_label(num, nominal, title),
             "benchmark": args.benchmark,
             "num_generated": num,
             "num_reference": reference.count,
@@ -285,35 +272,76 @@ def _run(args) -> int:
             "captions": captions.source,
             "transform": "centre crop on the long edge, PIL LANCZOS 256, clean-fid clean mode (PIL bicubic 299)",
         },
-        "fid": fid,
-        "fid_label": fid_label(num),
-        "kid": kid,
-        "kid_subsets": {"num_subsets": args.kid_subsets, "max_subset_size": args.kid_subset_size, "seed": 0},
-        "clip_score": {
-            **(scorer.describe() if scorer else {"model": None, "prefix": clip_score.PROMPT_PREFIX, "comparable_with": None}),
-            "value": clip_mean.value,
-        },
+        **scores,
         "extractor": extractor.describe(),
         "speed": speed,
         "generation": {
             "pipeline": str(args.pipeline_dir),
-            "images_dir": str(image_dir),
+            "images_dir": str(out_dir / "images"),
             "found_on_disk": generation.found_on_disk,
             "generated_this_run": generation.generated,
             "seed": args.seed,
             "call": call_kwargs,
+            "scheduler": scheduler,
         },
         "reference_statistics": str(reference.stats_path),
+        "generated_statistics": str(out_dir / "inception_stats.npz"),
     }
+    _report(results, Path(args.json or out_dir / "results.json"))
+    return 0
+
+
+def _empty_cuda_cache(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _score_generated(args, out_dir: Path, captions: list[str], extractor, reference, clip_path, device) -> dict:
+    """FID, KID and CLIP score of ``out_dir/images`` in one streaming pass over the files."""
+    import numpy as np
+
+    from diffdistill.eval import clip_score, coco
+    from diffdistill.eval.fid import fid_label, frechet_distance, kernel_inception_distance
+
+    scorer = clip_score.load_clip_scorer(clip_path, device) if clip_path is not None else None
+    clip_mean = clip_score.RunningMean()
+
+    def score_clip(start, images):
+        if scorer is not None:
+            clip_mean.update(scorer.similarities(list(images), captions[start : start + len(images)]))
+
+    features_path = out_dir / "inception_features.npy"
+    paths = [coco.image_path(out_dir / "images", i) for i in range(len(captions))]
+    stats = coco.extract_features(
+        paths, extractor, batch_size=args.batch_size, workers=args.workers, features_path=features_path,
+        on_batch=score_clip, desc="generated images",
+    )
+    stats.save(out_dir / "inception_stats.npz", images=len(paths), extractor=extractor.describe())
+    kid = kernel_inception_distance(
+        reference.features(), np.load(features_path, mmap_mode="r"),
+        num_subsets=args.kid_subsets, max_subset_size=args.kid_subset_size, seed=0,
+    )
+    clip_description = scorer.describe() if scorer else {
+        "model": None, "prefix": clip_score.PROMPT_PREFIX, "comparable_with": None}
+    return {
+        "fid": frechet_distance(stats.mean, stats.covariance, reference.mu, reference.sigma),
+        "fid_label": fid_label(len(paths)),
+        "kid": kid,
+        "kid_subsets": {"num_subsets": args.kid_subsets, "max_subset_size": args.kid_subset_size, "seed": 0},
+        "clip_score": {**clip_description, "value": clip_mean.value},
+    }
+
+
+def _report(results: dict, json_path: Path) -> None:
     print(markdown_table(results))
     for note in _notes(results):
         print(f"- {note}")
-    json_path = Path(args.json or out_dir / "results.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"results: {json_path}", file=sys.stderr)
-    return 0
 
 
 def main(argv=None) -> int:

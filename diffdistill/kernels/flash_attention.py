@@ -48,11 +48,21 @@ try:
 except ImportError:  # CPU-only installs: the torch reference still works.
     triton = None
     tl = None
+else:
+    # The kernels call only Triton builtins, never the @triton.jit helpers of
+    # triton.language.standard (tl.max, tl.sum, tl.zeros): those are frozen in
+    # the mode triton was *imported* in, so a kernel interpreted on CPU could
+    # not call them after a compiled-mode import.  Row reductions therefore use
+    # tl.reduce with Triton's own combine functions, which the interpreter also
+    # recognises and runs as single numpy reductions.
+    _max_combine = tl.standard._elementwise_max
+    _sum_combine = tl.standard._sum_combine
 
 __all__ = ["flash_attention", "flash_attention_jvp", "attention_reference", "triton_available"]
 
 LOG2E = math.log2(math.e)  # the kernels use exp2; logits are pre-multiplied by log2(e)
 MAX_HEAD_DIM = 256  # one (BLOCK, head_dim) tile per operand must fit on chip
+MAX_GRID_Y = 65535  # batch * heads rides on CUDA's second grid axis
 
 
 # --------------------------------------------------------------------------
@@ -117,6 +127,7 @@ def _kernel_supports(q, k, v):
         and q.shape[-1] == k.shape[-1] == v.shape[-1] <= MAX_HEAD_DIM
         and q.shape[2] > 0
         and k.shape[2] > 0
+        and q.shape[0] * q.shape[1] <= MAX_GRID_Y
         and triton_available(q.device)
     )
 
@@ -188,15 +199,15 @@ def _fwd_kernel(
     v_base = V + b * sv_b + h * sv_h + dims[None, :] * sv_d
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base 2)
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of p
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum p v
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # running sum of p
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)  # sum p v
     if WITH_TANGENT:
         qt = tl.load(QT + b * sqt_b + h * sqt_h + rows[:, None] * sqt_m + dims[None, :] * sqt_d,
                      mask=q_tile, other=0.0)
         kt_base = KT + b * skt_b + h * skt_h + dims[None, :] * skt_d
         vt_base = VT + b * svt_b + h * svt_h + dims[None, :] * svt_d
-        acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum p (S' v + v')
-        g_i = tl.zeros([BLOCK_M], tl.float32)  # sum p S'
+        acc_t = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)  # sum p (S' v + v')
+        g_i = tl.full([BLOCK_M], 0.0, tl.float32)  # sum p S'
 
     for start in range(0, LK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -208,10 +219,10 @@ def _fwd_kernel(
         # base-2 logits; keys past LK get -inf so they carry no weight
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
         alpha = tl.exp2(m_i - m_new)  # rescales everything summed so far
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
         if WITH_TANGENT:
@@ -221,7 +232,7 @@ def _fwd_kernel(
             ds = (tl.dot(qt, tl.trans(k), input_precision=PRECISION)
                   + tl.dot(q, tl.trans(kt), input_precision=PRECISION)) * scale
             pds = p * ds
-            g_i = g_i * alpha + tl.sum(pds, 1)
+            g_i = g_i * alpha + tl.reduce(pds, 1, _sum_combine)
             acc_t = (acc_t * alpha[:, None]
                      + tl.dot(pds.to(v.dtype), v, input_precision=PRECISION)
                      + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION))
@@ -269,8 +280,8 @@ def _bwd_kv_kernel(
                 mask=kv_tile, other=0.0)
     q_base = Q + b * sq_b + h * sq_h + dims[None, :] * sq_d
     do_base = DO + b * sdo_b + h * sdo_h + dims[None, :] * sdo_d
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
     for start in range(0, LQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -326,7 +337,7 @@ def _bwd_q_kernel(
     delta = tl.load(DELTA + pid_bh * LQ + rows, mask=row_ok, other=0.0)
     k_base = K + b * sk_b + h * sk_h + dims[None, :] * sk_d
     v_base = V + b * sv_b + h * sv_h + dims[None, :] * sv_d
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
     for start in range(0, LK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)

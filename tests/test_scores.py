@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+
+from diffdistill.config import ConfigError
+from diffdistill.denoiser import Denoiser
+from diffdistill.methods import build_method
+from diffdistill.schedules import VPSchedule
+from diffdistill.scores import ScoreEngine, cfg_combine, guided, make_critic
+from diffdistill.teachers import resolve_teacher
+from diffdistill.toy import SD15_SCHEDULE, ring8, toy_teacher
+
+
+class Affine(nn.Module):
+    """D(x | c) = x + c: the conditional output is known, so guidance can be checked exactly."""
+
+    backbone_kind = "plain"
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, timestep, cond):
+        return self.w * x + cond["shift"]
+
+
+def test_guidance_convention_is_uncond_plus_w_times_difference():
+    denoiser = Denoiser(Affine(), VPSchedule.from_scheduler_config(SD15_SCHEDULE), "sample")
+    x, t = torch.zeros(2, 3), torch.tensor([10.0, 500.0])
+    cond, uncond = {"shift": torch.full((2, 3), 2.0)}, {"shift": torch.full((2, 3), 0.5)}
+    # uncond + w (cond - uncond) = 0.5 + 3 * 1.5 = 5.0 (Imagen's c + w (c - u) would give 6.5)
+    torch.testing.assert_close(guided(denoiser, x, t, cond, uncond, 3.0), torch.full((2, 3), 5.0))
+    torch.testing.assert_close(guided(denoiser, x, t, cond, uncond, 1.0), torch.full((2, 3), 2.0))
+    per_sample = guided(denoiser, x, t, cond, uncond, torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(per_sample[:, 0], torch.tensor([2.0, 5.0]))
+    assert cfg_combine(torch.tensor(1.0), torch.tensor(2.0), 0.0) == 1.0
+
+
+def test_lora_critic_trains_only_adapters_and_starts_at_the_teacher():
+    teacher = resolve_teacher("tiny:unet")
+    critic = make_critic(teacher, lora_rank=4)
+    trainable = [n for n, p in critic.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500.0])
+    cond = {"encoder_hidden_states": torch.randn(1, 32, 32)}
+    engine = ScoreEngine(teacher, {"critic": critic})
+    torch.testing.assert_close(engine.fake(x, t, cond, grad=False), engine.real(x, t, cond), atol=1e-5, rtol=0)
+
+
+def test_bad_method_settings_are_clear_errors():
+    teacher = toy_teacher(ring8())
+    with pytest.raises(ConfigError, match="ratio=0"):
+        build_method({"name": "dmd2", "ratio": 0}, teacher, _cfg())
+    with pytest.raises(ConfigError, match="outside the schedule"):
+        build_method({"name": "dmd2", "timesteps": [1500]}, teacher, _cfg())
+    with pytest.raises(ConfigError, match="must decrease"):
+        build_method({"name": "dmd2", "timesteps": [249, 999]}, teacher, _cfg())
+
+
+def test_gan_head_on_a_backbone_without_features_is_refused():
+    teacher = toy_teacher(ring8())
+    teacher.make_critic = lambda: _NoFeatures()
+    with pytest.raises(ConfigError, match="GAN head needs features.*gan_weight=0"):
+        build_method({"name": "dmd2", "gan_weight": 1e-3}, teacher, _cfg())
+
+
+class _NoFeatures(nn.Module):
+    backbone_kind = "plain"
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x, timestep, cond):
+        return self.lin(x)
+
+
+def _cfg():
+    from diffdistill.config import TrainConfig
+
+    return TrainConfig()
