@@ -47,6 +47,7 @@ class TrainConfig:
     teacher_config: str | None = None  # pipeline folder describing a single-file teacher
     allow_pickle: bool = False         # allow loading pickle checkpoints (they can run code): only for trusted files
     trust_remote_code: bool = False    # allow a pipeline's custom code to run
+    teacher_dtype: str = "float32"     # float32 | bfloat16 | float16: precision the frozen teacher is held in
     out: str = "runs/run"              # the run folder: config, checkpoints, logs, sample grids
     method: dict = field(default_factory=lambda: {"name": "sft"})  # name + that method's own options
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +175,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
+    "teacher_dtype": ("float32", "bfloat16", "float16"),
     "data.source": ("prompts", "digits", "imagefolder"),
 }
 

@@ -11,9 +11,30 @@ so the student trains on the inputs it will see at inference. Only the last step
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from diffdistill.schedules import add_noise
+
+
+def student_denoiser(teacher):
+    """The trainable student: a float32 copy of the teacher's backbone (whatever precision the
+    frozen teacher is held in), or a fresh network where the teacher has no weights to copy."""
+    backbone = teacher.make_student() if teacher.make_student is not None else copy.deepcopy(teacher.backbone).float()
+    return teacher.denoiser(backbone.requires_grad_(True).train())
+
+
+class TorchRandom:
+    """Fresh noise from one ``torch.Generator``, drawn as diffusers pipelines draw it (``randn_tensor``):
+    one ``randn`` of the sample's shape and dtype per re-noising, on the generator's device. A
+    sampler fed the generator that drew its initial noise thus draws what an exported pipeline draws."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, device=self.generator.device, dtype=x.dtype).to(x.device)
 
 
 def check_timesteps(schedule, timesteps: list[float]) -> list[float]:

@@ -31,9 +31,14 @@ def cfg_combine(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, w) -> torch.Tens
 
 
 def guided(denoiser, x_t, t, cond, uncond, w):
-    """Runs cond and uncond in one batch; ``w`` may be a float or a per-sample tensor."""
+    """Runs cond and uncond in one batch; ``w`` may be a float or a per-sample tensor.
+
+    ``w = 1`` is the conditional model alone and ``w = 0`` the unconditional one alone (one pass each).
+    """
     if uncond is None or (not torch.is_tensor(w) and w == 1.0):
         return denoiser(x_t, t, cond)
+    if not torch.is_tensor(w) and w == 0.0:
+        return denoiser(x_t, t, uncond)
     both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(uncond, cond))
     x0_uncond, x0_cond = both.chunk(2)
     if torch.is_tensor(w):
@@ -46,7 +51,7 @@ def make_critic(teacher, lora_rank: int = 0, lora_alpha: float | None = None):
     backbone = teacher.make_critic() if teacher.make_critic is not None else copy.deepcopy(teacher.backbone)
     backbone.train()
     if lora_rank <= 0:
-        return teacher.denoiser(backbone.requires_grad_(True))
+        return teacher.denoiser(backbone.float().requires_grad_(True))
     from peft import LoraConfig, inject_adapter_in_model
 
     backbone.requires_grad_(False)
@@ -145,17 +150,29 @@ class ScoreEngine:
         return self.nets[self.gan_name](tap.value), x0
 
 
-def fake_score_loss(critic, schedule, prediction_type: str, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: dict, space: str = "native") -> torch.Tensor:
+def fake_score_loss(critic, schedule, prediction_type: str, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: dict, space: str = "native",
+                    uncond: dict | None = None, guidance=1.0) -> torch.Tensor:
     """Denoising score matching of the critic on (detached) generator samples, per sample.
 
     ``native``: MSE in the backbone's own prediction type (eps-MSE for SD, as DMD2 trains its fake
     UNet); ``x0``: MSE on x0 (DMD2's ImageNet critic, FastGen's SD critic).
+    ``guidance`` (with ``uncond``): the critic's output is guided while it is trained, SiD-LSG's
+    kappa_1, e.g. ``||eps_f^w(x_t) - eps||^2``; guidance is affine, so guiding x0 and converting
+    equals guiding the native output.
     """
     from diffdistill.denoiser import native_from_x0
     from diffdistill.schedules import add_noise
 
     x = x.detach()
     x_t = add_noise(schedule, x, eps, t)
+    if uncond is not None and (torch.is_tensor(guidance) or guidance != 1.0):
+        if space not in ("native", "x0"):
+            raise ValueError(f"critic loss space {space!r}: choose native or x0")
+        x0_hat = guided(critic, x_t, t, cond, uncond, guidance)
+        if space == "x0":
+            return (x0_hat - x).square().flatten(1).mean(1)
+        pred, target = (native_from_x0(schedule, prediction_type, x_t, t, v) for v in (x0_hat, x))
+        return (pred - target).square().flatten(1).mean(1)
     if space == "native":
         target = native_from_x0(schedule, prediction_type, x_t, t, x)
         return (critic(x_t, t, cond, output="native") - target).square().flatten(1).mean(1)

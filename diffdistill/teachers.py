@@ -8,23 +8,25 @@
 from __future__ import annotations
 
 
+import torch
+
 from diffdistill.backbones.loading import Teacher, _teacher_from_pipe, load_teacher
 
 
-def resolve_teacher(spec: str, *, config=None, allow_pickle=False, trust_remote_code=False, seed: int = 0) -> Teacher:
+def resolve_teacher(spec: str, *, config=None, allow_pickle=False, trust_remote_code=False, seed: int = 0, dtype: str = "float32") -> Teacher:
     if not spec:
         raise ValueError("no teacher given: set teacher=/path/to/pipeline (or tiny:unet for a test model)")
     if spec.startswith("tiny:"):
         from diffdistill.backbones.tiny import tiny_pipeline
 
-        pipe = tiny_pipeline(spec.split(":", 1)[1], seed)
+        pipe = tiny_pipeline(spec.split(":", 1)[1], seed).to(getattr(torch, dtype))
         index = {"unet": [None, None]} if hasattr(pipe, "unet") and pipe.unet is not None else {"transformer": [None, None]}
         return _teacher_from_pipe(pipe, index, spec)
     if spec.startswith("zoo:"):
         from diffdistill.zoo import zoo_path
 
-        return load_teacher(zoo_path(spec.split(":", 1)[1]))
-    return load_teacher(spec, config=config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return load_teacher(zoo_path(spec.split(":", 1)[1]), torch_dtype=getattr(torch, dtype))
+    return load_teacher(spec, config=config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, torch_dtype=getattr(torch, dtype))
 
 
 __all__ = ["resolve_teacher"]

@@ -134,21 +134,27 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def mode_report(samples: torch.Tensor, mixture: GaussianMixture, radius_stds: float = 4.0) -> dict:
-    """Each sample goes to its nearest mode if within ``radius_stds`` standard deviations of it,
-    else it counts as 'between modes'. Mass ratios are relative to the true 1/K."""
+    """Mode statistics of a sample set.
+
+    * a mode's **mass** is the share of samples whose nearest mode it is (its Voronoi basin),
+      relative to the true 1/K: mode dropping and imbalance show here;
+    * a mode is **covered** when at least 10% of its true mass lies within ``radius_stds``
+      standard deviations of it: a blurry cloud that merely overlaps the basin does not count;
+    * **between modes** is the share of samples farther than that from every mode (sharpness).
+    """
     d = torch.cdist(samples.double(), mixture.means)
     nearest, index = d.min(1)
     near = nearest <= radius_stds * mixture.std
     k = len(mixture.means)
-    counts = torch.bincount(index[near], minlength=k).double()
-    ratio = counts / len(samples) * k
+    mass = torch.bincount(index, minlength=k).double() / len(samples) * k
+    near_mass = torch.bincount(index[near], minlength=k).double() / len(samples) * k
     return {
-        "modes_covered": int((ratio >= 0.1).sum()),
+        "modes_covered": int((near_mass >= 0.1).sum()),
         "num_modes": k,
-        "mass_ratio_min": float(ratio.min()),
-        "mass_ratio_max": float(ratio.max()),
+        "mass_ratio_min": float(mass.min()),
+        "mass_ratio_max": float(mass.max()),
         "between_modes": float(1 - near.double().mean()),
-        "mass_ratios": [round(float(r), 3) for r in ratio],
+        "mass_ratios": [round(float(r), 3) for r in mass],
     }
 
 
@@ -167,11 +173,12 @@ METHOD_DEFAULTS = {
 
 
 def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, out, *, batch_size: int = 256, lr: float = 1e-3,
-                 seed: int = 0, widths=(256, 3, 256, 4), num_real: int = 20000):
+                 seed: int = 0, widths=(256, 3, 256, 4), num_real: int = 20000, fit: bool = True):
     """Trains a method against the exact teacher of ``mixture`` with the project's own Trainer.
 
-    Returns the trained method. ``generator_steps`` counts generator updates; critic steps come
-    on top as the method's phase rule says.
+    Returns the trained method (``fit=False``: the same method untrained, at its initialization).
+    ``generator_steps`` counts generator updates; critic steps come on top as the method's phase
+    rule says.
     """
     from diffdistill.config import TrainConfig
     from diffdistill.data.sources import DataSource
@@ -189,8 +196,8 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, o
     cfg.optim.weight_decay = cfg.critic_optim.weight_decay = 0.0
     cfg.optim.grad_clip = cfg.critic_optim.grad_clip = 10.0
     trainer = Trainer(cfg, teacher=teacher, data=data)
-    torch.manual_seed(seed)
-    trainer.fit()
+    if fit:
+        trainer.fit()
     return trainer.method
 
 

@@ -40,7 +40,7 @@ def test_denoiser_x0_equals_manual_conversion(tiny_dirs, arch):
     t = torch.tensor([0.9, 0.4]) if arch == "sd3" else torch.tensor([999.0, 400.0])
     x0 = denoiser(x_t, t, cond)
     raw = denoiser(x_t, t, cond, output="native")
-    alpha, sigma = denoiser.coefficients(t, 4)
+    alpha, sigma = (c.float() for c in denoiser.coefficients(t, 4))
     expected = {"unet": param.x0_from_eps, "dit": param.x0_from_eps, "sd3": param.x0_from_flow}[arch](x_t, raw, alpha, sigma)
     assert x0.dtype == torch.float32
     torch.testing.assert_close(x0, expected)

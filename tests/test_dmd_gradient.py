@@ -68,7 +68,7 @@ def closed_form(a, b, alpha, sigma):
 
 @pytest.mark.parametrize("a, b, t", [(0.5, -0.3, 300), (1.2, 0.4, 600), (0.9, 2.5, 100)])
 def test_unnormalized_dmd_gradient_is_the_kl_gradient(a, b, t):
-    grad, alpha, sigma = mc_gradient(a, b, t, normalize=False)
+    grad, alpha, sigma = mc_gradient(a, b, t, normalize="none")
     expected = closed_form(a, b, alpha, sigma)
     # MC standard error ~ 1e-3 relative at n = 4e5; the tolerance leaves room for it only
     torch.testing.assert_close(grad * alpha**2 / sigma**2, expected, rtol=0.02, atol=2e-3 * expected.abs().max().item())
@@ -78,11 +78,11 @@ def test_unnormalized_dmd_gradient_is_the_kl_gradient(a, b, t):
 def test_normalized_dmd_gradient_is_a_descent_direction(a, b, t):
     """DMD2's per-sample 1/mean|x - D_real| reweights samples, so it is no longer the KL's gradient
     (cosine about 0.7 here), but a small step along it must still lower the KL."""
-    grad, alpha, sigma = mc_gradient(a, b, t, normalize=True)
+    grad, alpha, sigma = mc_gradient(a, b, t, normalize="sample")
     expected = closed_form(a, b, alpha, sigma)
     assert torch.nn.functional.cosine_similarity(grad, expected, dim=0) > 0.3
 
 
 def test_gradient_vanishes_at_the_target():
-    grad, _, _ = mc_gradient(TAU, MU, 500, normalize=True)
+    grad, _, _ = mc_gradient(TAU, MU, 500, normalize="sample")
     assert grad.abs().max() < 1e-12

@@ -90,7 +90,8 @@ def assets(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(coco_dir / "val2014" / name)
         images.append({"id": image_id, "file_name": name, "height": h, "width": w})
         for k in range(2):
-            annotations.append({"id": 100 * image_id + k, "image_id": image_id, "caption": f"picture {image_id}\n  {k} "})
+            caption = f"picture {image_id}\n  {k} "  # official captions carry stray newlines and spaces too
+            annotations.append({"id": 100 * image_id + k, "image_id": image_id, "caption": caption})
     with open(coco_dir / "annotations" / "captions_val2014.json", "w") as f:
         json.dump({"images": images, "annotations": annotations}, f)
 
@@ -100,15 +101,26 @@ def assets(tmp_path_factory):
             "cache": root / "cache"}
 
 
-def eval_args(assets, out, *extra):
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    return parser.parse_args([
+def eval_argv(assets, out, *extra):
+    return [
         str(assets["pipeline"]), "--coco", str(assets["coco"]), "--inception", str(assets["inception"]),
         "--clip", str(assets["clip"]), "--cache-dir", str(assets["cache"]), "--out", str(out),
         "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--resolution", str(RESOLUTION),
         "--batch-size", "2", "--workers", "0", "--kid-subsets", "3", "--device", "cpu", *extra,
-    ])
+    ]
+
+
+def eval_args(assets, out, *extra):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args(eval_argv(assets, out, *extra))
+
+
+def diffdistill_eval(argv):
+    """The command line as users type it: ``diffdistill eval ...``."""
+    from diffdistill.cli import main
+
+    return main(["eval", *argv])
 
 
 # ---------------------------------------------------------------- captions and transforms
@@ -178,12 +190,12 @@ def test_images_do_not_depend_on_the_batch_they_fall_in(assets, tmp_path):
     from diffdistill.eval.run import load_pipeline
 
     pipeline = load_pipeline(str(assets["pipeline"]), "cpu", torch.float32)
-    captions = ["a red cube", "a cat", "the sea"]
+    captions = ["a red cube", "a cat"]
     kwargs = coco.pipeline_call_kwargs(pipeline, STEPS, GUIDANCE, RESOLUTION)
-    together = coco.generate_images(pipeline, captions, tmp_path / "a", batch_size=3, seed=5, call_kwargs=kwargs)
+    together = coco.generate_images(pipeline, captions, tmp_path / "a", batch_size=2, seed=5, call_kwargs=kwargs)
     coco.generate_images(pipeline, captions, tmp_path / "b", batch_size=1, seed=5, call_kwargs=kwargs)
-    assert together.generated == 3 and together.nfe == 2 * STEPS  # guided steps count twice
-    for i in range(3):
+    assert together.generated == 2 and together.nfe == 2 * STEPS  # guided steps count twice
+    for i in range(2):
         a = np.asarray(Image.open(coco.image_path(tmp_path / "a", i)), dtype=int)
         b = np.asarray(Image.open(coco.image_path(tmp_path / "b", i)), dtype=int)
         assert a.shape == (RESOLUTION, RESOLUTION, 3)
@@ -226,7 +238,7 @@ def test_clip_score_is_the_cosine_with_the_prefixed_caption(assets):
 
 def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    args = eval_args(assets, out, "--benchmark", "prompts", "--prompts", str(assets["prompts"]))
+    argv = eval_argv(assets, out, "--benchmark", "prompts", "--prompts", str(assets["prompts"]))
 
     # First run: stopped after two of the three images.
     real_save = coco._save_png
@@ -240,7 +252,7 @@ def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeyp
 
     monkeypatch.setattr(coco, "_save_png", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        run_eval(args)
+        diffdistill_eval(argv)
     first = sorted(p.name for p in (out / "images").glob("*.png"))
     assert first == ["000000.png", "000001.png"]
     assert not (out / "results.json").exists()
@@ -253,7 +265,7 @@ def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeyp
     monkeypatch.setattr(coco, "extract_features", lambda paths, *a, **k: extracted.append(len(paths))
                         or real_extract(paths, *a, **k))
     capsys.readouterr()
-    assert run_eval(args) == 0
+    assert diffdistill_eval(argv) == 0
     assert extracted == [3]  # the generated images only
     assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(3)]
     assert all((out / "images" / name).read_bytes() == data for name, data in kept.items())
@@ -269,6 +281,7 @@ def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeyp
     table = capsys.readouterr().out
     assert "| Protocol | FID | KID | CLIP score | images/s | NFE | s/image |" in table
     assert "FID-3, prompts file prompts.txt" in table
+    assert (out / "captions.txt").read_text().splitlines() == coco.read_prompts_file(assets["prompts"]).captions
 
     # The streamed statistics are those of the features written for KID; the reference ones are cached.
     from diffdistill.eval.fid import load_statistics
@@ -281,22 +294,27 @@ def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeyp
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-7, atol=1e-12)
     assert load_statistics(results["reference_statistics"])[2] == 3
 
-
-def test_eval_on_coco_captions_labels_a_short_run(assets, tmp_path, capsys):
-    out = tmp_path / "coco"
-    assert run_eval(eval_args(assets, out, "--benchmark", "coco2014-30k", "--num", "2")) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert results["protocol"]["label"] == "FID-2, COCO-2014 val (2 of the protocol's 30000: not comparable with FID-30k)"
-    captions = (out / "captions.txt").read_text().splitlines()
-    assert len(captions) == 2 and all(c.startswith("picture ") and "\n" not in c for c in captions)
-    assert "not comparable with FID-30k" in capsys.readouterr().out
-
     # A finished run re-scores to the same numbers without generating.
-    assert run_eval(eval_args(assets, out, "--benchmark", "coco2014-30k", "--num", "2")) == 0
+    assert diffdistill_eval(argv) == 0
     again = json.loads((out / "results.json").read_text())
-    assert again["generation"]["generated_this_run"] == 0 and again["generation"]["found_on_disk"] == 2
+    assert again["generation"]["generated_this_run"] == 0 and again["generation"]["found_on_disk"] == 3
     assert again["fid"] == pytest.approx(results["fid"], rel=1e-12) and again["kid"] == pytest.approx(results["kid"])
+    assert again["clip_score"]["value"] == pytest.approx(results["clip_score"]["value"])
     assert again["speed"]["measured"] == "in an earlier run" and again["speed"]["nfe"] == 2 * STEPS
+
+
+def test_coco_benchmark_selects_captions_and_labels_a_short_run(assets):
+    from diffdistill.eval.run import _captions_and_reference
+
+    args = eval_args(assets, assets["cache"] / "unused", "--benchmark", "coco2014-30k", "--num", "2")
+    title, nominal, captions, split, annotations = _captions_and_reference(args)
+    assert (title, nominal, split) == ("COCO-2014 val", 30_000, "val2014")
+    assert captions.captions == coco.select_coco_captions(annotations, 2, seed=0).captions
+    assert all(c.startswith("picture ") and "\n" not in c and "  " not in c for c in captions.captions)
+    assert [p.name for p in coco.reference_image_paths(assets["coco"], split, annotations)] == [
+        f"COCO_val2014_{i:012d}.jpg" for i in (7, 19, 42)]
+    label = protocol_label(len(captions.captions), nominal, title)
+    assert label == "FID-2, COCO-2014 val (2 of the protocol's 30000: not comparable with FID-30k)"
 
 
 def test_missing_inception_stops_before_generating(assets, tmp_path, monkeypatch, capsys):
@@ -318,4 +336,4 @@ def test_resuming_with_other_settings_is_refused(assets, tmp_path):
     (out / "images").mkdir(parents=True)
     (out / "generation.json").write_text(json.dumps({"seed": 123}))
     with pytest.raises(SystemExit, match="other settings"):
-        run_eval(eval_args(assets, out, "--benchmark", "prompts", "--prompts", str(assets["prompts"])))
+        diffdistill_eval(eval_argv(assets, out, "--benchmark", "prompts", "--prompts", str(assets["prompts"])))

@@ -141,7 +141,8 @@ def test_streaming_statistics_equal_numpy_mean_and_cov():
         start += size
     assert stats.count == 1000
     np.testing.assert_allclose(stats.mean, features.astype(np.float64).mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(stats.covariance, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
+    expected = np.cov(features.astype(np.float64), rowvar=False)
+    np.testing.assert_allclose(stats.covariance, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_statistics_round_trip_through_npz(tmp_path):

@@ -61,7 +61,7 @@ class Trainer:
         self.local_batch = cfg.batch_size // (cfg.grad_accum * world)
         torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights (e.g. GAN heads) on every rank
         self.teacher = teacher or resolve_teacher(cfg.teacher, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle,
-                                                  trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+                                                  trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, dtype=cfg.teacher_dtype)
         if self.teacher.pipe is not None:
             self.teacher.pipe.to(self.accelerator.device)
         self.teacher.backbone.to(self.accelerator.device)
@@ -81,6 +81,9 @@ class Trainer:
             optimizer = torch.optim.AdamW(params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay, eps=opt_cfg.eps)
             self.optimizers[phase] = acc.prepare_optimizer(optimizer)
         self.emas = {"generator": EMA(_unwrap(method.nets["generator"]), cfg.ema_decay)} if cfg.ema_decay > 0 else {}
+        # A method's own EMA targets (LCM's target network: a module it updates in ``after_step``),
+        # saved and restored with the checkpoint like the generator's EMA; the trainer never updates them.
+        self.emas.update(getattr(method, "ema_targets", {}))
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -128,8 +131,10 @@ class Trainer:
         optimizer.step()
         for opt in self.optimizers.values():  # a generator loss may leave grads on critic params (SiD)
             opt.zero_grad(set_to_none=True)
-        if phase == "generator" and self.emas:
+        if phase == "generator" and "generator" in self.emas:
             self.emas["generator"].update(_unwrap(method.nets["generator"]))
+        if hasattr(method, "after_step"):  # the one hook after an optimizer step (LCM's EMA target follows the student)
+            method.after_step(step)
         mean_loss = acc.reduce(loss.detach(), reduction="mean").item()  # log the global batch's loss
         return {"phase": phase, f"loss_{phase}": mean_loss, **logs}
 

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 FEATURE_DIM = 2048
-INPUT_SIZE = 299
 
 
 class ConvBN(nn.Module):

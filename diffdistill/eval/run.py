@@ -45,7 +45,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", metavar="PATH",
                         help="open_clip ViT-g-14 laion2b_s12b_b42k weights, or a transformers CLIPModel folder; "
                              "default $DIFFDISTILL_CLIP; without either the CLIP score is skipped")
-    parser.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default ~/.cache/diffdistill/fid-stats)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="reference statistics cache (default ~/.cache/diffdistill/fid-stats)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                         help="pipeline dtype (default float16 on cuda, float32 on cpu)")
@@ -204,12 +205,10 @@ def _notes(results: dict) -> list[str]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    """Run ``diffdistill eval``; 0 on success, 2 when a file (weights, COCO, prompts) or package is missing."""
     try:
         return _run(args)
-    except MissingWeightsError as error:
-        print(f"diffdistill eval: {error}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as error:
+    except (MissingWeightsError, FileNotFoundError, ImportError) as error:
         print(f"diffdistill eval: {error}", file=sys.stderr)
         return 2
 
@@ -226,11 +225,16 @@ def _run(args) -> int:
     title, nominal, captions, split, annotations = _captions_and_reference(args)
     coco.reference_image_paths(args.coco, split, annotations)  # missing COCO images fail now, not after generating
     num = len(captions.captions)
+    if num < 2:
+        raise SystemExit("FID and KID need at least 2 generated images")
 
     device, dtype = _device_and_dtype(args)
     extractor = InceptionFeatureExtractor.load(inception_path, device)
     pipeline = load_pipeline(args.pipeline_dir, device, dtype, args.scheduler)
-    call_kwargs = coco.pipeline_call_kwargs(pipeline, args.steps, args.guidance, args.resolution)
+    try:
+        call_kwargs = coco.pipeline_call_kwargs(pipeline, args.steps, args.guidance, args.resolution)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
     scheduler = type(pipeline.scheduler).__name__
     out_dir = Path(args.out or Path("diffdistill-eval") / f"{Path(args.pipeline_dir).name}-{args.benchmark}-{num}")
     _check_manifest(out_dir, {

@@ -63,6 +63,10 @@ __all__ = ["flash_attention", "flash_attention_jvp", "attention_reference", "tri
 LOG2E = math.log2(math.e)  # the kernels use exp2; logits are pre-multiplied by log2(e)
 MAX_HEAD_DIM = 256  # one (BLOCK, head_dim) tile per operand must fit on chip
 MAX_GRID_Y = 65535  # batch * heads rides on CUDA's second grid axis
+# Tile edge in Triton's CPU interpreter: 16 (tl.dot's minimum) so that tiny
+# test shapes still span several blocks, exercising the online rescaling and
+# the ragged-edge masks.  Larger tiles make the interpreter faster.
+INTERPRETER_TILE = 16
 
 
 # --------------------------------------------------------------------------
@@ -158,9 +162,7 @@ def _launch(kernel, grid_rows, batch_heads, *args, **meta):
     meta["BLOCK_D"] = _block_d(meta["HEAD_DIM"])
     interpret = _interpreting()
     if interpret:
-        # 16x16 tiles so tiny test shapes still span several blocks,
-        # exercising the online rescaling and the ragged-edge masks
-        meta.update(BLOCK_M=16, BLOCK_N=16)
+        meta.update(BLOCK_M=INTERPRETER_TILE, BLOCK_N=INTERPRETER_TILE)
     tile = "BLOCK_N" if kernel is _bwd_kv_kernel else "BLOCK_M"
     grid = lambda cfg: (triton.cdiv(grid_rows, cfg[tile]), batch_heads)  # noqa: E731
     _jit(kernel, interpret)[grid](*args, **meta)

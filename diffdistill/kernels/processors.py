@@ -107,7 +107,8 @@ def attend(q, k, v, scale, mask=None, backend="auto"):
         return flash_attention(q, k, v, scale)
     if backend == "triton":
         raise RuntimeError(f"backend='triton' but the Triton kernel cannot run on {q.device}")
-    _log_fallback(q.device)
+    if backend != "torch":  # an explicit "torch" needs no notice
+        _log_fallback(q.device)
     return _torch_attention(q, k, v, scale)
 
 

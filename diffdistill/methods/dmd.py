@@ -22,7 +22,7 @@ import torch
 
 from diffdistill.conditioning import encode_prompts
 from diffdistill.engine.random import BatchRandom, derive_seed
-from diffdistill.generator import backward_simulation, check_timesteps, generate
+from diffdistill.generator import TorchRandom, backward_simulation, check_timesteps, generate, student_denoiser
 from diffdistill.methods.base import register_method
 from diffdistill.sampling import ddim_sample
 from diffdistill.schedules import UniformTimesteps, add_noise
@@ -36,19 +36,27 @@ def default_range(schedule, lo_frac: float, hi_frac: float):
     return UniformTimesteps(lo_frac, hi_frac)
 
 
-def distribution_matching_grad(engine: ScoreEngine, x, t, eps, cond, uncond, guidance, normalize: bool = True) -> tuple[torch.Tensor, dict]:
+NORMALIZATIONS = ("sample", "batch", "none")
+
+
+def distribution_matching_grad(engine: ScoreEngine, x, t, eps, cond, uncond, guidance, normalize: str = "sample") -> tuple[torch.Tensor, dict]:
     """g = (D_fake - D_real^w) / mean|x - D_real^w| at x_t = alpha_t x + sigma_t eps, without gradient.
 
-    ``normalize=False`` leaves g = D_fake - D_real^w, which is sigma_t^2 / alpha_t times the score
-    difference (s_fake - s_real)(x_t): the form whose expectation is a closed-form KL gradient.
+    ``normalize``: "sample" divides each sample by its own mean_CHW |x - D_real^w| (DMD/DMD2);
+    "batch" by the batch average of it (less noise amplification in low dimension, where one
+    sample's mean over few coordinates is itself noisy); "none" leaves g = D_fake - D_real^w,
+    sigma_t^2 / alpha_t times (s_fake - s_real)(x_t): the form whose expectation is a KL gradient.
     """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
     with torch.no_grad():
         x_t = add_noise(engine.teacher_denoiser.schedule, x.detach(), eps, t)
         x0_real = engine.real(x_t, t, cond, uncond, guidance)
         x0_fake = engine.fake(x_t, t, cond, grad=False)
         grad = x0_fake - x0_real
-        if normalize:
-            weight = (x.detach() - x0_real).abs().flatten(1).mean(1).clamp_min(1e-8)
+        if normalize != "none":
+            weight = (x.detach() - x0_real).abs().flatten(1).mean(1)
+            weight = (weight if normalize == "sample" else weight.mean().expand_as(weight)).clamp_min(1e-8)
             grad = grad / weight.view(-1, *([1] * (x.ndim - 1)))
         grad = torch.nan_to_num(grad)
     return grad, {"dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
@@ -107,6 +115,7 @@ class DMDOptions:
     critic_t_range: list[float] = field(default_factory=lambda: [0.0, 0.999])  # critic t (DMD: all of 0..999)
     critic_loss: str = "native"            # native (eps-MSE for SD) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
+    normalize: str = "sample"              # DM gradient normalization: sample (DMD) | batch | none
 
 
 class DMD:
@@ -117,8 +126,7 @@ class DMD:
         self.options, self.teacher, self.schedule = options, teacher, teacher.schedule
         t_init = self.schedule.t_max if options.t_init is None else options.t_init
         self.timesteps = check_timesteps(self.schedule, [t_init])
-        generator = teacher.make_student() if teacher.make_student else __import__("copy").deepcopy(teacher.backbone)
-        self.nets = {"generator": teacher.denoiser(generator.requires_grad_(True).train()), "critic": make_critic(teacher, options.critic_lora_rank)}
+        self.nets = {"generator": student_denoiser(teacher), "critic": make_critic(teacher, options.critic_lora_rank)}
         self.engine = ScoreEngine(teacher, self.nets)
         self.dm_times = default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)
@@ -137,7 +145,8 @@ class DMD:
         rng, n = batch["rng"], len(batch["prompts"])
         x = self._student(batch, n)
         t = self.dm_times(self.schedule, n, rng).to(x.device)
-        grad, logs = distribution_matching_grad(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], self.options.guidance)
+        grad, logs = distribution_matching_grad(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], self.options.guidance,
+                                                self.options.normalize)
         loss = surrogate_loss(x, grad)
         logs["loss_dm"] = loss.mean().item()
         if self.pairs is not None:
@@ -160,10 +169,13 @@ class DMD:
 
 @torch.no_grad()
 def sample_student(generator, schedule, timesteps, noise, cond, torch_generator=None):
-    """What a user gets: the student's own few-step sampler (guidance is baked in by training)."""
+    """What a user gets: the student's own few-step sampler (guidance is baked in by training).
+
+    Re-noising draws from ``torch_generator`` itself, in the exported pipeline's order (see
+    :class:`~diffdistill.generator.TorchRandom`), so both give the same sample for the same seed."""
     generator = getattr(generator, "module", generator)
-    seed = int(torch.randint(0, 2**62, (1,), generator=torch_generator)) if torch_generator is not None else 0
-    return generate(generator, schedule, timesteps, noise, cond, BatchRandom(seed, device=noise.device))
+    rng = TorchRandom(torch_generator) if torch_generator is not None else BatchRandom(0, device=noise.device)
+    return generate(generator, schedule, timesteps, noise, cond, rng)
 
 
 @register_method("dmd", DMDOptions)

@@ -16,14 +16,13 @@ in U{0..999}, AdamW lr 1e-5 for both nets, grad-norm clip 10, 500 warm-up steps.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from diffdistill.conditioning import encode_prompts
-from diffdistill.generator import backward_simulation, check_timesteps
+from diffdistill.generator import backward_simulation, check_timesteps, student_denoiser
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import default_range, distribution_matching_grad, sample_student, surrogate_loss
 from diffdistill.schedules import add_noise
@@ -42,6 +41,7 @@ class DMD2Options:
     gan_features: str = "critic"           # critic (DMD2) | teacher (FastGen)
     critic_loss: str = "native"            # native (eps-MSE for SD, as DMD2) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
+    normalize: str = "sample"              # DM gradient normalization: sample (DMD2) | batch | none
 
 
 class DMD2:
@@ -54,8 +54,7 @@ class DMD2:
         timesteps = options.timesteps or [self.schedule.t_max]
         self.timesteps = check_timesteps(self.schedule, timesteps)
         self.default_sample_steps = len(self.timesteps)
-        generator = teacher.make_student() if teacher.make_student else copy.deepcopy(teacher.backbone)
-        self.nets = {"generator": teacher.denoiser(generator.requires_grad_(True).train()), "critic": make_critic(teacher, options.critic_lora_rank)}
+        self.nets = {"generator": student_denoiser(teacher), "critic": make_critic(teacher, options.critic_lora_rank)}
         if options.gan_weight > 0:
             self.nets["gan_head"] = self._gan_head()
         self.engine = ScoreEngine(teacher, self.nets, gan_name="gan_head" if options.gan_weight > 0 else None, gan_features=options.gan_features)
@@ -86,7 +85,8 @@ class DMD2:
         rng, n = batch["rng"], len(batch["prompts"])
         x = self._student(batch, n)
         t = self.dm_times(self.schedule, n, rng).to(x.device)
-        grad, logs = distribution_matching_grad(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], self.options.guidance)
+        grad, logs = distribution_matching_grad(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], self.options.guidance,
+                                                self.options.normalize)
         loss = surrogate_loss(x, grad)
         logs["loss_dm"] = loss.mean().item()
         if self.options.gan_weight > 0:

@@ -6,10 +6,9 @@ No critic, no distribution matching: the row every method in a benchmark is read
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
-from diffdistill.generator import check_timesteps
+from diffdistill.generator import check_timesteps, student_denoiser
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import make_regression_pairs, regression_loss, sample_student
 
@@ -29,8 +28,7 @@ class KD:
     def __init__(self, options: KDOptions, teacher, prompts, seed: int):
         self.options, self.teacher, self.schedule = options, teacher, teacher.schedule
         self.timesteps = check_timesteps(self.schedule, [self.schedule.t_max if options.t_init is None else options.t_init])
-        generator = teacher.make_student() if teacher.make_student else copy.deepcopy(teacher.backbone)
-        self.nets = {"generator": teacher.denoiser(generator.requires_grad_(True).train())}
+        self.nets = {"generator": student_denoiser(teacher)}
         self.pairs = make_regression_pairs(teacher, prompts, options.pairs, options.ode_steps, options.guidance, seed)
 
     def phase(self, step: int) -> str:

@@ -8,12 +8,12 @@ backbone predicts. This proves the training loop, and trains the bundled teacher
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from diffdistill.denoiser import native_from_x0
+from diffdistill.generator import student_denoiser
 from diffdistill.methods.base import register_method
 from diffdistill.sampling import ddim_sample
 from diffdistill.schedules import add_noise, make_timestep_sampler
@@ -31,8 +31,7 @@ class SFT:
     def __init__(self, options: SFTOptions, teacher):
         self.options, self.teacher = options, teacher
         self.schedule = teacher.schedule
-        generator = teacher.denoiser(copy.deepcopy(teacher.backbone).requires_grad_(True).train())
-        self.nets = {"generator": generator}
+        self.nets = {"generator": student_denoiser(teacher)}
         self.sample_timesteps = make_timestep_sampler(options.timesteps)
         self.default_sample_steps = options.sample_steps
 
