@@ -3,6 +3,7 @@
     diffdistill train RECIPE [key=value ...]   distill (or fine-tune) as a recipe says
     diffdistill tiny-sd OUT [--arch unet|dit|sd3]   write a tiny pipeline folder, offline
     diffdistill eval PIPELINE_DIR --benchmark ...   FID / KID / CLIP score on the papers' protocol
+    diffdistill export RUN_DIR --to OUT        a diffusers folder / single file / LoRA of the student
     diffdistill quickstart                     the README's first command: a real run, on CPU, in minutes
 """
 
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         ev = verbs.add_parser("eval", help="FID / KID / CLIP score of a pipeline", description="Generate with any diffusers pipeline folder and score it on the COCO protocol the papers use.")
         add_eval_arguments(ev)
         ev.set_defaults(func=_eval)
+    from diffdistill.export.cli import add_export_arguments, run_export
+    ex = verbs.add_parser("export", help="write a run's student as a diffusers folder, single file or LoRA", description="Export the latest checkpoint of a run: a diffusers pipeline folder that plain DiffusionPipeline.from_pretrained samples in K steps, one .safetensors, or a LoRA for the teacher.")
+    add_export_arguments(ex)
+    ex.set_defaults(func=run_export)
     return parser
 
 

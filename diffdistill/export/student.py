@@ -1,0 +1,202 @@
+"""Reading a finished run back: its config, its teacher, and the student's weights and timesteps.
+
+A run folder (see :mod:`diffdistill.engine.trainer`) holds ``checkpoints/latest`` -> ``step-N/``
+with ``net-generator.safetensors`` (a Denoiser's state dict: keys ``backbone.*``), optionally
+``ema-generator.safetensors``, and ``state.json`` whose ``config`` is the resolved recipe the
+weights were trained under. Every export format starts from the :class:`Student` built here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffdistill.backbones.loading import CheckpointError, Teacher
+
+
+class ExportError(CheckpointError):
+    """A run, teacher or output path we cannot export from or to, with the fix in the message."""
+
+
+@dataclass
+class Student:
+    """The distilled generator as a backbone of the teacher's class, plus what it was trained for."""
+
+    teacher: Teacher
+    backbone: torch.nn.Module          # same class and config as teacher.backbone, student weights
+    timesteps: list[float]             # the student's sampler, e.g. [999, 749, 499, 249]
+    config: object                     # the run's TrainConfig
+    method: str
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    ema: bool                          # weights are the EMA of the generator
+    adapters: dict | None = None       # LoRA-trained student: {module name: (A, B)}, already merged into backbone
+    input_scale: float = 1.0           # the first step sees input_scale * z (SiD's scale_input: sigma_{t_0}), not z
+
+    def denoiser(self):
+        return self.teacher.denoiser(self.backbone)
+
+
+def student_timesteps(method_spec: dict, schedule) -> list[int]:
+    """The student's own timesteps from its method options: ``timesteps`` (DMD2, SiD), ``t_init``
+    (DMD, KD), else one step from the schedule's end. Methods that train no few-step student
+    (``sft`` fine-tunes the teacher itself) are refused."""
+    from diffdistill.generator import check_timesteps
+    from diffdistill.methods.base import method_options
+
+    name, options = method_options(method_spec)
+    listed = getattr(options, "timesteps", None)
+    if isinstance(listed, list) and listed:
+        timesteps = listed
+    elif hasattr(options, "t_init") or (hasattr(options, "timesteps") and listed is None):
+        t_init = getattr(options, "t_init", None)
+        timesteps = [schedule.t_max if t_init is None else t_init]
+    else:
+        raise ExportError(
+            f"method {name!r} trains no few-step student (it fine-tunes the teacher, sampled with the teacher's "
+            "own many-step scheduler); export a distillation run (dmd, dmd2, kd, sid, ...)"
+        )
+    return check_timesteps(schedule, timesteps)
+
+
+def student_input_scale(method_spec: dict, schedule, timesteps: list) -> float:
+    """SiD (``scale_input``) feeds sigma_{t_0} z to the first step, as SiD-LSG's x_init; others feed z."""
+    from diffdistill.methods.base import method_options
+
+    _, options = method_options(method_spec)
+    return float(schedule.sigma(torch.tensor([float(timesteps[0])]))) if getattr(options, "scale_input", False) else 1.0
+
+
+def _checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    from diffdistill.engine.checkpoint import latest_checkpoint
+
+    if not run_dir.is_dir():
+        raise ExportError(f"run folder {str(run_dir)!r} does not exist; give the out= folder of a `diffdistill train` run")
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / "checkpoints").is_dir():
+        raise ExportError(f"{str(run_dir)!r} is not a run folder (no config.yaml, no checkpoints/); give the out= folder of a `diffdistill train` run")
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        partial = sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*")) if (run_dir / "checkpoints").is_dir() else []
+        hint = f" (found only the interrupted write {partial[0]})" if partial else ""
+        raise ExportError(
+            f"{str(run_dir)!r} has no finished checkpoint{hint}: checkpoints/latest is missing or points nowhere. "
+            "Train until the first checkpoint is written (at checkpoint_every steps and at max_steps), then export"
+        )
+    return path, json.loads((path / "state.json").read_text())
+
+
+def _weights_file(path: Path, ema: bool | None) -> tuple[Path, bool]:
+    ema_file, net_file = path / "ema-generator.safetensors", path / "net-generator.safetensors"
+    if ema is None:
+        ema = ema_file.is_file()
+    if ema and not ema_file.is_file():
+        raise ExportError(f"{path} has no EMA weights (the run had ema_decay=0); export without --ema")
+    chosen = ema_file if ema else net_file
+    if not chosen.is_file():
+        raise ExportError(f"{path} has no generator weights ({chosen.name}); was this run trained with a distillation method?")
+    return chosen, ema
+
+
+def _resolve_teacher(cfg, teacher: str | None) -> Teacher:
+    from diffdistill.teachers import resolve_teacher
+
+    spec = teacher or cfg.teacher
+    try:
+        return resolve_teacher(spec, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+    except FileNotFoundError as e:
+        raise ExportError(f"the run's teacher {spec!r} cannot be loaded ({e}); if it moved, pass --teacher /new/path") from e
+
+
+def split_lora(state: dict) -> tuple[dict, dict]:
+    """Splits a peft-injected state dict into base weights (``base_layer`` names folded back) and
+    adapters ``{module: (A, B)}`` (adapter name ``default``)."""
+    base, pairs = {}, {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            module, rest = key.split(".lora_A." if ".lora_A." in key else ".lora_B.", 1)
+            pairs.setdefault(module, {})["A" if ".lora_A." in key else "B"] = value
+        else:
+            base[key.replace(".base_layer.", ".")] = value
+    return base, {m: (p["A"], p["B"]) for m, p in pairs.items()}
+
+
+def _merge_lora(backbone: torch.nn.Module, adapters: dict) -> None:
+    """W += B @ A (scale 1: lora_alpha = r, the convention of diffdistill's LoRA nets)."""
+    modules = dict(backbone.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in adapters.items():
+            weight = modules[name].weight
+            delta = b.flatten(1).double() @ a.flatten(1).double()
+            weight += delta.reshape(weight.shape).to(weight.dtype)
+
+
+def load_into_backbone(teacher: Teacher, state: dict, source: str) -> tuple[torch.nn.Module, dict | None]:
+    """A copy of the teacher's backbone holding ``state`` (keys without ``backbone.``); any shape or
+    key mismatch is an :class:`ExportError` naming the teacher, never a silent partial load."""
+    base, adapters = split_lora(state)
+    backbone = copy.deepcopy(teacher.backbone).float()
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(base))
+    unexpected = sorted(set(base) - set(own))
+    shapes = [f"{k}: {tuple(base[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(base) & set(own)) if base[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ExportError(
+            f"{source} does not match the teacher {teacher.path!r} ({type(backbone).__name__}): {len(missing)} missing keys "
+            f"{missing[:2]}, {len(unexpected)} unexpected {unexpected[:2]}, {len(shapes)} shape mismatches {shapes[:2]}. "
+            "Pass --teacher with the pipeline this run was trained from"
+        )
+    backbone.load_state_dict(base)
+    if adapters:
+        _merge_lora(backbone, adapters)
+    return backbone.requires_grad_(False).eval(), adapters or None
+
+
+def load_student(run_dir, *, ema: bool | None = None, teacher: str | None = None) -> Student:
+    """The latest finished checkpoint of ``run_dir`` as a :class:`Student` (EMA weights if the run
+    kept them, unless ``ema=False``). ``teacher`` overrides the recipe's teacher path (if it moved)."""
+    from safetensors.torch import load_file
+
+    from diffdistill.config import TrainConfig, from_dict
+
+    run_dir = Path(run_dir)
+    path, state = _checkpoint(run_dir)
+    cfg = from_dict(TrainConfig, state["config"])
+    weights, ema = _weights_file(path, ema)
+    loaded_teacher = _resolve_teacher(cfg, teacher)
+    timesteps = student_timesteps(cfg.method, loaded_teacher.schedule)
+    raw = load_file(str(weights))
+    if not all(k.startswith("backbone.") for k in raw):
+        raise ExportError(f"{weights} is not a generator Denoiser state dict (keys should start with 'backbone.')")
+    backbone, adapters = load_into_backbone(loaded_teacher, {k[len("backbone."):]: v for k, v in raw.items()}, str(weights))
+    scale = student_input_scale(cfg.method, loaded_teacher.schedule, timesteps)
+    return Student(loaded_teacher, backbone, timesteps, cfg, cfg.method["name"], run_dir, path, int(state["step"]), ema, adapters, scale)
+
+
+def inference_timesteps(timesteps: list, steps: int) -> list:
+    """The timesteps a K-step sample uses: K evenly spaced indices into the training timesteps,
+    chosen as diffusers' LCMScheduler chooses them (so the exported pipeline agrees)."""
+    import numpy as np
+
+    if not 1 <= steps <= len(timesteps):
+        raise ExportError(f"--steps {steps}: the student was trained on {len(timesteps)} timestep(s) {list(timesteps)}; choose 1..{len(timesteps)}")
+    index = np.floor(np.linspace(0, len(timesteps), num=steps, endpoint=False)).astype(int)
+    return [timesteps[i] for i in index]
+
+
+@torch.no_grad()
+def reference_sample(student: Student, prompts: list, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """diffdistill's own K-step sample (x0 latents), drawing from ``generator`` exactly as the
+    exported pipeline does: the initial latents first, then one draw per re-noising."""
+    from diffdistill.conditioning import encode_prompts
+    from diffdistill.methods.dmd import sample_student
+
+    device = next(student.backbone.parameters()).device
+    cond = encode_prompts(student.teacher.pipe, prompts, device)
+    noise = torch.randn((len(prompts), *student.teacher.latent_shape), generator=generator, device=generator.device).to(device)
+    timesteps = inference_timesteps(student.timesteps, steps)
+    return sample_student(student.denoiser(), student.teacher.schedule, timesteps, noise * student.input_scale, cond, generator)

@@ -1,0 +1,213 @@
+"""Export: the diffusers folder samples exactly like diffdistill (checked in a process that cannot
+import diffdistill), the LoRA loads with load_lora_weights and reproduces the student within its
+reported error, the single file round-trips, and bad input fails with errors naming the fix."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffdistill.config import load_recipe
+from diffdistill.engine.trainer import train
+from diffdistill.export import ExportError, export_run, export_student, load_student
+from diffdistill.export.diffusers_folder import reference_output
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "tiny" / "dmd2.yaml"
+# ratio=1 makes step 1 a generator step, and lr 1e-3 moves it visibly: the student is not the teacher.
+FAST = ["max_steps=2", "method.ratio=1", "optim.lr=1e-3", "optim.warmup_steps=0", "method.timesteps=[999,749,499,249]", "resume=false"]
+DIT = ["teacher=tiny:dit", "data.source=prompts", 'data.prompts=["1","3","7"]', "method.gan_weight=0"]
+SEED = 3
+
+# The child process: plain diffusers only. It mirrors diffdistill.export.diffusers_folder.run_pipeline:
+# SD keeps its default guidance_scale (7.5), which the exported UNet's guidance embedding must switch off.
+CHILD = r"""
+import sys
+sys.modules["diffdistill"] = None  # any import of diffdistill now raises ImportError
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+
+folder, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+pipe = DiffusionPipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
+result = {}
+for k in (1, 4):
+    if type(pipe).__name__ == "DiTPipeline":
+        result[f"k{k}"] = pipe(class_labels=[1, 7], num_inference_steps=k, guidance_scale=1.0, generator=torch.manual_seed(seed), output_type="pt").images
+    else:
+        result[f"k{k}"] = pipe(["a handwritten digit 1", "a handwritten digit 7"], num_inference_steps=k,
+                               generator=torch.Generator().manual_seed(seed), output_type="latent").images
+result["scheduler"] = torch.tensor([type(pipe.scheduler).__name__ == "LCMScheduler"])
+save_file({k: v.contiguous() for k, v in result.items()}, out)
+"""
+PROMPTS = {"unet": ["a handwritten digit 1", "a handwritten digit 7"], "dit": ["1", "7"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-runs")
+    return {
+        "unet": train(load_recipe(RECIPE, [f"out={root / 'unet'}", *FAST])),
+        "dit": train(load_recipe(RECIPE, [f"out={root / 'dit'}", *FAST, *DIT])),
+    }
+
+
+@pytest.fixture(scope="module")
+def unet_student(runs):
+    return load_student(runs["unet"])
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_plain_diffusers_samples_like_diffdistill(runs, arch, tmp_path):
+    out = tmp_path / "pipe"
+    info = export_run(runs[arch], out)
+    assert info["max_abs_diff_vs_sampler"] <= 1e-4
+    assert {"model_index.json", "README.md", "scheduler"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+
+    result = tmp_path / "child.safetensors"
+    subprocess.run([sys.executable, "-c", CHILD, str(out), str(result), str(SEED)], check=True, cwd=tmp_path, timeout=300)
+    child = load_file(str(result))
+    assert child["scheduler"].item()
+
+    student = load_student(runs[arch])
+    kind = "latent" if arch == "unet" else "image"
+    for k in (1, 4):
+        ours = reference_output(student, kind, PROMPTS[arch], k, SEED)
+        assert child[f"k{k}"].shape == ours.shape
+        assert (child[f"k{k}"] - ours).abs().max().item() <= 1e-4, f"K={k}"
+    assert (child["k1"] - child["k4"]).abs().max() > 1e-3  # K matters: the comparison is not vacuous
+
+
+@pytest.mark.filterwarnings("ignore:.*lora_bias.*")  # bias deltas ride on lora_B.bias; peft notes bias-less layers cannot fuse
+def test_lora_loads_with_diffusers_and_reproduces_the_student(unet_student, tmp_path):
+    from diffdistill.backbones.tiny import tiny_pipeline
+    from diffdistill.export.lora import extract, output_difference
+
+    out = tmp_path / "lora"
+    info = export_student(unet_student, out, "lora", rank=4)
+    report = json.loads((out / "lora_report.json").read_text())
+    assert report["rank"] == 4 and report["layers"] > 0
+    assert 0 < report["max_abs_output_diff"] < report["max_abs_output_diff_teacher"]  # closer to the student than the teacher is
+    assert info["max_abs_output_diff"] == report["max_abs_output_diff"]
+
+    pipe = tiny_pipeline("unet", unet_student.config.seed)  # the run's teacher, tiny:unet
+    pipe.load_lora_weights(str(out))
+    loaded = output_difference(unet_student, pipe.unet)
+    assert loaded <= report["max_abs_output_diff"] * 1.001 + 1e-5, (loaded, report["max_abs_output_diff"])
+
+    _, errors = extract(unet_student.teacher.backbone, unet_student.backbone, rank=10**6)  # full rank is exact
+    assert max(errors.values()) < 1e-6
+    assert max(report["relative_frobenius"].values()) > 1e-3  # rank 4 is not
+
+
+def test_single_file_round_trip(unet_student, tmp_path, tiny_unet_dir):
+    from diffdistill.export.single_file import load_student_file, read_metadata
+
+    path = tmp_path / "student.safetensors"
+    export_student(unet_student, path, "single-file")
+    meta = read_metadata(path)
+    assert meta["timesteps"] == [999, 749, 499, 249] and meta["component"] == "unet" and meta["teacher"] == "tiny:unet"
+    expected = unet_student.backbone.state_dict()
+    for teacher_config in (None, str(tiny_unet_dir)):  # the recorded tiny:unet spec, and a pipeline folder via load_teacher
+        loaded = load_student_file(path, teacher_config).backbone.state_dict()
+        assert max((loaded[k] - expected[k]).abs().max().item() for k in expected) == 0
+
+
+def test_no_finished_checkpoint(runs, tmp_path, capsys):
+    from diffdistill.cli import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".tmp-step-00000005").mkdir(parents=True)
+    (run / "config.yaml").write_text((runs["unet"] / "config.yaml").read_text())
+    assert main(["export", str(run), "--to", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no finished checkpoint" in err and ".tmp-step-00000005" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_that_does_not_match(runs, tmp_path):
+    with pytest.raises(ExportError, match="does not match the teacher 'tiny:dit'.*--teacher"):
+        export_run(runs["unet"], tmp_path / "out", teacher="tiny:dit")
+
+
+def test_existing_out_is_refused_then_replaced_whole(unet_student, tmp_path, monkeypatch, capsys):
+    import diffdistill.export.diffusers_folder as folder
+    from diffdistill.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    assert main(["export", str(unet_student.run_dir), "--to", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "old"
+
+    def half_written(student, tmp, steps, name=None):
+        (tmp / "unet").mkdir(parents=True)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(folder, "write_diffusers", half_written)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_student(unet_student, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "old"  # no temp left, old intact
+
+    monkeypatch.undo()
+    export_student(unet_student, out, overwrite=True, steps=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (out / "keep.txt").exists()
+    assert (out / "model_index.json").is_file()
+
+
+def test_bad_options(unet_student, runs, tmp_path):
+    with pytest.raises(ExportError, match="choose 1..4"):
+        export_student(unet_student, tmp_path / "a", steps=8)
+    with pytest.raises(ExportError, match="no EMA weights"):
+        export_run(runs["unet"], tmp_path / "b", ema=True)
+    with pytest.raises(ExportError, match=r"ending in \.safetensors"):
+        export_student(unet_student, tmp_path / "c", "single-file")
+    with pytest.raises(ExportError, match="DiTPipeline has no LoRA loader"):
+        export_run(runs["dit"], tmp_path / "d", "lora")
+    with pytest.raises(ExportError, match="run folder itself"):
+        export_student(unet_student, unet_student.run_dir, overwrite=True)
+
+
+def test_lora_trained_student_exports_its_adapters():
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from diffdistill.export.lora import from_adapters, merged
+    from diffdistill.export.student import load_into_backbone
+    from diffdistill.teachers import resolve_teacher
+
+    teacher = resolve_teacher("tiny:unet")
+    lora_net = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]), copy.deepcopy(teacher.backbone))
+    with torch.no_grad():
+        for name, p in lora_net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # peft starts B at zero; a trained adapter is not
+    backbone, adapters = load_into_backbone(teacher, lora_net.state_dict(), "a LoRA generator")
+    assert len(adapters) == 2 * sum(n.endswith("to_q") for n, _ in teacher.backbone.named_modules())  # to_q and to_v
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500.0])
+    cond = {"encoder_hidden_states": torch.randn(1, 32, 32)}
+    with torch.no_grad():
+        want = teacher.denoiser(lora_net).raw(x, t, cond)
+        assert (teacher.denoiser(backbone).raw(x, t, cond) - want).abs().max() < 1e-5  # merged on load
+        assert (teacher.denoiser(merged(teacher.backbone, from_adapters(adapters))).raw(x, t, cond) - want).abs().max() < 1e-5
+
+
+def test_sid_scaled_input_is_refused_not_exported_wrong(unet_student, tmp_path):
+    import dataclasses
+
+    from diffdistill.export.student import student_input_scale
+
+    schedule = unet_student.teacher.schedule
+    scale = student_input_scale({"name": "sid"}, schedule, [999.0])  # SiD's default scale_input=true
+    assert scale == pytest.approx(float(schedule.sigma(torch.tensor([999.0]))))
+    assert student_input_scale({"name": "dmd2"}, schedule, [999.0]) == 1.0
+    with pytest.raises(ExportError, match="scale_input"):
+        export_student(dataclasses.replace(unet_student, input_scale=scale), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
