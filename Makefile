@@ -20,7 +20,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/diffdistill quickstart
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest tests -p no:cacheprovider --durations=15
 
 clean-venv:
 	rm -rf $(VENV)
