@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", nargs="+", default=["ring8"], choices=sorted(TARGETS))
     parser.add_argument("--methods", nargs="+", default=["dmd", "dmd2", "kd"], help=f"any of {', '.join(METHOD_DEFAULTS)}")
-    parser.add_argument("--steps", type=int, default=2000, help="generator updates per method")
+    parser.add_argument("--steps", type=int, default=1000, help="generator updates per method")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -90,10 +90,11 @@ class MLPDenoiserNet(nn.Module):
 
     backbone_kind = "plain"
 
-    def __init__(self, schedule, dim: int = 2, width: int = 256, depth: int = 3, sigma_data: float = 1.0, frequencies: int = 8):
+    def __init__(self, schedule, dim: int = 2, width: int = 256, depth: int = 3, sigma_data: float = 1.0, frequencies: int = 8,
+                 max_frequency: float = 100.0):
         super().__init__()
         self.schedule, self.sigma_data = schedule, sigma_data
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100), frequencies)))
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_frequency), frequencies)))
         layers, width_in = [], dim + 2 * frequencies
         for _ in range(depth):
             layers += [nn.Linear(width_in, width), nn.SiLU()]
@@ -112,14 +113,15 @@ class MLPDenoiserNet(nn.Module):
         return append_dims(c_skip, x.ndim) * x_tilde + append_dims(c_out, x.ndim) * self.out(h)
 
 
-def toy_teacher(mixture: GaussianMixture, schedule=None, generator_width=256, generator_depth=3, critic_width=256, critic_depth=4) -> Teacher:
+def toy_teacher(mixture: GaussianMixture, schedule=None, generator_width=256, generator_depth=3, critic_width=256, critic_depth=4,
+                generator_max_frequency: float = 100.0) -> Teacher:
     schedule = schedule or VPSchedule.from_scheduler_config(SD15_SCHEDULE)
     dim = mixture.means.shape[1]
     sd = float(torch.sqrt(mixture.means.var(0).mean() + mixture.std**2))
     return Teacher(
         pipe=None, backbone=ExactDenoiserNet(mixture, schedule), component="exact", kind="plain", schedule=schedule,
         prediction_type="sample", path=f"exact:{mixture.name}",
-        make_student=lambda: MLPDenoiserNet(schedule, dim, generator_width, generator_depth, sd),
+        make_student=lambda: MLPDenoiserNet(schedule, dim, generator_width, generator_depth, sd, max_frequency=generator_max_frequency),
         make_critic=lambda: MLPDenoiserNet(schedule, dim, critic_width, critic_depth, sd), data_shape=(dim,),
     )
 
@@ -169,7 +171,28 @@ METHOD_DEFAULTS = {
     "dmd": {"name": "dmd", "guidance": 1.0, "regression_weight": 4.0, "regression_pairs": 2048, "regression_steps": 50, "critic_loss": "x0"},
     "dmd2": {"name": "dmd2", "guidance": 1.0, "ratio": 5, "critic_loss": "x0"},
     "kd": {"name": "kd", "pairs": 2048, "ode_steps": 50},
+    # SiD at alpha = 1 (SiD-LSG's SD value; the paper's 1.2 rewards score disagreement along x_t and
+    # diverged here), t ~ U{20..980}, no per-sample 1/w (noisy in 2-D), 5 fake-score steps per generator step
+    "sid": {"name": "sid", "alpha": 1.0, "t_sampler": "uniform", "normalize": False, "ratio": 5, "critic_loss": "x0"},
+    "sim": {"name": "sim", "huber_c": 1.0, "ratio": 5, "critic_loss": "x0"},
+    "fdistill": {"name": "fdistill", "divergence": "js", "guidance": 1.0, "normalize": False, "ratio": 5, "critic_loss": "x0"},
+    "diff_instruct": {"name": "diff_instruct", "ratio": 5, "critic_loss": "x0"},
+    # LCM-style CD: Heun teacher steps on a coarse 10-point grid (k = 100), L2, EMA target 0.95, one-step samples
+    "cd": {"name": "cd", "guidance": [1.0], "guidance_embedding_dim": 0, "ode_grid": 10, "solver": "heun", "distance": "l2",
+           "target_ema": 0.95, "sample_steps": 1},
+    # sCD with sigma_d 1 (ring8's per-coordinate std is 1.4), a short tangent warmup and adaptive weighting
+    "scm": {"name": "scm", "sigma_data": 1.0, "tangent_warmup": 300, "adaptive_weighting": True},
+    # rCM: sCM as above, then the DMD term (x0 critic, weight 1 in our reductions) after 200 sCM-only steps
+    "rcm": {"name": "rcm", "sigma_data": 1.0, "tangent_warmup": 200, "adaptive_weighting": True, "dmd_warmup": 200, "dmd_weight": 1.0,
+            "ratio": 4, "critic_loss": "x0"},
+    # Phased DMD: two experts, 999 -> 749 -> data (a boundary at 499 left the toy MLP's last expert, which
+    # starts near the identity there, slower to train), 3 fake-score steps per generator step
+    "phased_dmd": {"name": "phased_dmd", "guidance": 1.0, "timesteps": [999, 749], "ratio": 3, "critic_weighting": "x0"},
 }
+
+# sCM's students need a smooth time embedding (Lu & Song 2024, Sec. 4.1: large Fourier scales make the
+# jvp's time derivative explode); the toy MLP's default frequencies reach 100, which diverged here.
+SMOOTH_TIME_STUDENTS = {"scm": 10.0, "rcm": 10.0}
 
 
 def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, out, *, batch_size: int = 256, lr: float = 1e-3,
@@ -184,11 +207,14 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, o
     from diffdistill.data.sources import DataSource
     from diffdistill.engine.trainer import Trainer
 
-    teacher = toy_teacher(mixture, generator_width=widths[0], generator_depth=widths[1], critic_width=widths[2], critic_depth=widths[3])
+    teacher = toy_teacher(mixture, generator_width=widths[0], generator_depth=widths[1], critic_width=widths[2], critic_depth=widths[3],
+                          generator_max_frequency=SMOOTH_TIME_STUDENTS.get(method["name"], 100.0))
     real = mixture.sample(num_real, torch.Generator().manual_seed(seed + 1))
     data = DataSource([""] * num_real, real, seed, 0.0)
     probe = _phase_rule(method)
-    total = next(s for s in range(10 * generator_steps * 20 + 1) if sum(probe(i) == "generator" for i in range(s)) >= generator_steps)
+    total = count = 0  # the fewest steps that hold generator_steps generator updates
+    while count < generator_steps:
+        count, total = count + (probe(total) == "generator"), total + 1
     cfg = TrainConfig(teacher=f"exact:{mixture.name}", out=str(out), method=dict(method), batch_size=batch_size, max_steps=total,
                       seed=seed, checkpoint_every=10**9, log_every=max(1, total // 20), resume=False)
     cfg.optim.lr = cfg.critic_optim.lr = lr
@@ -206,7 +232,10 @@ def _phase_rule(method: dict):
 
     name, options = method_options(method)
     ratio = getattr(options, "ratio", None)
-    if name == "dmd2":
+    if name == "rcm":  # sCM alone for dmd_warmup steps, then `ratio` critic steps and one generator step
+        warmup = options.dmd_warmup
+        return lambda step: "generator" if step < warmup or (step - warmup) % (ratio + 1) == ratio else "critic"
+    if ratio is not None:  # dmd2, sid, sim, fdistill, diff_instruct: `ratio` critic steps, then one generator step
         return lambda step: "generator" if step % (ratio + 1) == ratio else "critic"
     if name == "dmd":
         return lambda step: "generator" if step % 2 == 0 else "critic"

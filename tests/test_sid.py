@@ -1,0 +1,140 @@
+"""SiD's generator gradient against closed-form gradients of the Fisher divergence (1-D Gaussians).
+
+With exact scores, delta = s_p - s_q, c = sigma^4 / alpha^2, F(theta) = E_{x_t ~ q_t} delta^2 and
+sid_loss with w = 1, l = (D_r - D_f)(D_f - x) + (1 - alpha_sid)(D_r - D_f)^2:
+    E grad l = c/2 [grad F - grad_path F] + (1 - alpha_sid) c grad_path F
+where grad_path F is the part of grad F through x_t alone (scores frozen at the current theta) and
+grad F - grad_path F the part through s_q's dependence on theta, i.e. the gradient of
+E_{x_t ~ sg(q_t)} delta_theta^2 (SIM's form with d = |.|^2). So alpha_sid = 1/2 gives exactly
+c/2 grad F, alpha_sid = 1 the frozen-distribution gradient, and the paper's 1.2 a mixture.
+"""
+
+import pytest
+import torch
+
+import gaussian_1d as g
+from diffdistill.config import ConfigError, TrainConfig
+from diffdistill.engine.random import BatchRandom
+from diffdistill.methods import build_method
+from diffdistill.methods.sid import SiDTimesteps, sid_generator_loss
+from diffdistill.toy import METHOD_DEFAULTS, energy_distance, mode_report, ring8, sample_method, toy_teacher, train_on_toy
+
+WIDTHS, STEPS = (128, 3, 128, 3), 300  # generator steps of the toy test
+
+
+def score_gap(x, m_q, v_q, m_p, v_p):
+    """(s_p - s_q)(x) of two Gaussians."""
+    return -(x - m_p) / v_p + (x - m_q) / v_q
+
+
+def fisher(a, b, alpha, sigma):
+    m_q, v_q, m_p, v_p = g.noised_laws(a, b, alpha, sigma)
+    return g.expectation(lambda x: score_gap(x, m_q, v_q, m_p, v_p) ** 2, m_q, v_q)
+
+
+def fisher_path_only(a, b, alpha, sigma):
+    """E_{q_t(theta)} of (s_p - s_q)^2 with the scores frozen at the current theta."""
+    m_q, v_q, m_p, v_p = g.noised_laws(a, b, alpha, sigma)
+    frozen = (m_q.detach(), v_q.detach(), m_p, v_p)
+    return g.expectation(lambda x: score_gap(x, *frozen) ** 2, m_q, v_q)
+
+
+def sid_unnormalized(alpha_sid):
+    return lambda engine, x, t, eps: sid_generator_loss(engine, x, t, eps, {}, None, 1.0, 1.0, alpha_sid, normalize=False)[0]
+
+
+@pytest.mark.parametrize("alpha_sid", [0.5, 1.0, 1.2])
+@pytest.mark.parametrize("a, b, t", [(0.5, -0.3, 300), (1.2, 0.4, 600)])
+def test_sid_gradient_matches_the_fisher_divergence(alpha_sid, a, b, t):
+    alpha, sigma = g.coefficients(t)
+    c = sigma**4 / alpha**2
+    mc = g.mc_gradient(a, b, t, sid_unnormalized(alpha_sid))
+    full = g.grad_of(lambda a_, b_: fisher(a_, b_, alpha, sigma), a, b)
+    path = g.grad_of(lambda a_, b_: fisher_path_only(a_, b_, alpha, sigma), a, b)
+    expected = c / 2 * (full - path) + (1 - alpha_sid) * c * path
+    torch.testing.assert_close(mc, expected, rtol=0.03, atol=3e-3 * expected.abs().max().item())
+    if alpha_sid == 0.5:  # the Fisher divergence's own gradient
+        torch.testing.assert_close(mc, c / 2 * full, rtol=0.03, atol=3e-3 * full.abs().max().item() * c)
+
+
+def test_the_two_parts_of_the_fisher_gradient_differ():
+    """So the alpha_sid checks above tell the parts apart: the path part alone is a different vector."""
+    a, b, t = 0.5, -0.3, 300
+    alpha, sigma = g.coefficients(t)
+    full = g.grad_of(lambda a_, b_: fisher(a_, b_, alpha, sigma), a, b)
+    path = g.grad_of(lambda a_, b_: fisher_path_only(a_, b_, alpha, sigma), a, b)
+    assert (full - path).norm() > 0.2 * full.norm() and path.norm() > 0.1 * full.norm()
+
+
+def test_normalized_sid_descends_the_fisher_divergence_and_vanishes_at_the_target():
+    a, b, t = 1.2, 0.4, 600
+    alpha, sigma = g.coefficients(t)
+    normalized = lambda engine, x, t_, eps: sid_generator_loss(engine, x, t_, eps, {}, None, 1.0, 1.0, 1.2)[0]
+    mc = g.mc_gradient(a, b, t, normalized, n=100_000)
+    expected = g.grad_of(lambda a_, b_: fisher(a_, b_, alpha, sigma), a, b)
+    assert torch.nn.functional.cosine_similarity(mc, expected, dim=0) > 0.5
+    assert g.mc_gradient(g.TAU, g.MU, t, normalized, n=20_000).abs().max() < 1e-6
+
+
+def test_sid_sigma_schedule_spans_the_papers_range():
+    teacher = toy_teacher(ring8())
+    t = SiDTimesteps()(teacher.schedule, 20000, BatchRandom(0))
+    ratio = teacher.schedule.sigma(t, torch.float64) / teacher.schedule.alpha(t, torch.float64)
+    # SiD: sigma in [0.002, 24.4]; SD1.5's VP schedule covers sigma/alpha in [0.029, 14.6], so both ends clamp
+    assert 0.0 <= t.min() < 1.0 and t.max() == teacher.schedule.t_max
+    assert ratio.min() < 0.05 and ratio.max() > 14.0
+
+
+def _batch(n=8, seed=0, x0=None):
+    batch = {"prompts": [""] * n, "cond": {}, "uncond": {}, "rng": BatchRandom(seed), "step": 0}
+    if x0 is not None:
+        batch["x0"] = x0
+    return batch
+
+
+def test_sid_method_steps_only_the_generator_and_drops_nan_samples():
+    teacher = toy_teacher(ring8(), generator_width=32, generator_depth=2, critic_width=32, critic_depth=2)
+    method = build_method({"name": "sid", "alpha": 1.2}, teacher, TrainConfig(teacher="exact:ring8", out="unused"))
+    assert method.phase_nets("generator") == ["generator"] and [method.phase(s) for s in range(4)] == ["critic", "generator"] * 2
+    critic = method.nets["critic"]
+    forward = critic.forward
+
+    def poisoned(x_t, t, cond, output="x0"):  # the fake score returns NaN for the first sample
+        out = forward(x_t, t, cond, output)
+        return torch.cat([torch.full_like(out[:1], float("nan")), out[1:]])
+
+    critic.forward = poisoned
+    loss, logs = method.generator_loss(_batch())
+    assert loss.shape == (8,) and torch.isfinite(loss).all() and loss[0] == 0 and logs["nan_dropped"] == 1
+    loss.mean().backward()
+    grads = [p.grad for p in method.nets["generator"].parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    critic.forward = forward
+    loss, logs = method.critic_loss(_batch(seed=1))
+    assert loss.shape == (8,) and torch.isfinite(loss).all()
+
+
+def test_sida_needs_real_images_and_bad_options_are_clear_errors():
+    teacher = toy_teacher(ring8(), generator_width=32, generator_depth=2, critic_width=32, critic_depth=2)
+    cfg = TrainConfig(teacher="exact:ring8", out="unused")
+    method = build_method({"name": "sid", "gan_weight": 1e-3}, teacher, cfg)
+    with pytest.raises(ValueError, match="needs real images"):
+        method.critic_loss(_batch())
+    loss, logs = method.critic_loss(_batch(x0=ring8().sample(8)))
+    assert "loss_gan_d" in logs and torch.isfinite(loss).all()
+    with pytest.raises(ConfigError, match="t_sampler"):
+        build_method({"name": "sid", "t_sampler": "edm"}, teacher, cfg)
+    with pytest.raises(ConfigError, match="fake_guidance.*not used by guidance_style=cfg"):
+        build_method({"name": "sid", "fake_guidance": 2.0}, teacher, cfg)
+
+
+def test_sid_energy_distance_to_ring8_falls_twentyfold(tmp_path):
+    """Seeded run of the toy defaults against the exact ring8 teacher (small MLPs, under a minute)."""
+    mixture = ring8()
+    reference = mixture.sample(2000, torch.Generator().manual_seed(5))
+    start = energy_distance(sample_method(train_on_toy(mixture, METHOD_DEFAULTS["sid"], STEPS, tmp_path, widths=WIDTHS, fit=False), 2000), reference)
+    samples = sample_method(train_on_toy(mixture, METHOD_DEFAULTS["sid"], STEPS, tmp_path / "run", widths=WIDTHS), 4000)
+    end = energy_distance(samples[:2000], reference)
+    report = mode_report(samples, mixture)
+    assert end * 20 <= start, (start, end)
+    assert report["modes_covered"] == 8, report
