@@ -56,6 +56,7 @@ class TrainConfig:
     batch_size: int = 4                # global batch per optimizer step, over all processes and accumulation
     grad_accum: int = 1                # micro-batches per optimizer step
     max_steps: int = 100
+    time_limit_minutes: float = 0.0    # stop (with a checkpoint) after the step that passes this wall time; 0: no limit
     mixed_precision: str = "no"        # no | fp16 | bf16
     seed: int = 0
     ema_decay: float = 0.0             # EMA of the generator; 0 disables

@@ -109,3 +109,11 @@ def test_run_folder_holds_resolved_config_and_grid(tmp_path):
 
     grid = Image.open(run / "samples" / "step-00000002.png")
     assert grid.size[0] >= 256
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resumes(tmp_path):
+    args = [f"out={tmp_path / 'run'}", "max_steps=50", "checkpoint_every=100", *FAST]
+    train(load_recipe(RECIPE, [*args, "time_limit_minutes=1e-9"]))  # passed as soon as the first step ends
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000001"
+    train(load_recipe(RECIPE, [*args, "max_steps=3"]))  # no limit: resumes from step 1 and finishes
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000003"

@@ -32,8 +32,8 @@ def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> P
         grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = image
     array = (grid.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     picture = Image.fromarray(array)
-    if max(picture.size) < 256:  # a 16 px sample is unreadable at 1:1
-        scale = 256 // max(picture.size) + 1
+    if max(picture.size) < 512:  # a 16 px sample is unreadable at 1:1
+        scale = 512 // max(picture.size) + 1
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -190,6 +190,13 @@ class Trainer:
         x0 = self.method.sample(noise, cond, uncond, steps, cfg.sample_guidance, gen)
         return save_grid(decode_latents(self.teacher.pipe, x0).cpu(), self.run_dir / "samples" / f"step-{step:08d}.png")
 
+    def _out_of_time(self, tic: float) -> bool:
+        """True on every process once the main process has passed the time limit (one decision, so DDP stays in step)."""
+        if self.cfg.time_limit_minutes <= 0:
+            return False
+        over = torch.tensor([float(time.perf_counter() - tic > 60 * self.cfg.time_limit_minutes)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(over, reduction="sum").item() > 0)
+
     def fit(self) -> Path:
         from tqdm.auto import tqdm
 
@@ -212,8 +219,12 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)})
             if cfg.sample_every and done % cfg.sample_every == 0 and acc.is_main_process:
                 self.sample_grid(done)
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            out_of_time = self._out_of_time(tic)
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time:
                 self.checkpoint(done)
+            if out_of_time:
+                bar.write(f"time limit of {cfg.time_limit_minutes:g} min reached after step {done}; stopped with a checkpoint")
+                break
         acc.end_training()
         return self.run_dir
 

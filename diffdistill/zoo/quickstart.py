@@ -1,0 +1,192 @@
+"""The quickstart job: distill ``zoo:digits`` to one step on CPU, export it, and measure what it bought.
+
+Three generators are judged on the same prompts and the same initial noise, each through a plain
+diffusers pipeline:
+
+* ``teacher`` -- the bundled teacher, 25 DDIM steps with classifier-free guidance;
+* ``start``   -- the same teacher sampled in one step (what the student is initialized from);
+* ``student`` -- the exported one-step pipeline, loaded with ``DiffusionPipeline.from_pretrained``.
+
+Each gets digit-FID, prompt accuracy and per-digit accuracy from the digits judge
+(:mod:`diffdistill.zoo.judge`) and a latency per image at batch 1. The run folder receives sample
+grids (one column per digit), a loss-curve PNG and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from diffdistill.data.digits import digit_prompt
+
+RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes" / "zoo"
+TEACHER_STEPS = 25
+
+
+def recipe_path(method: str) -> Path:
+    path = RECIPES / f"digits_{method}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem.removeprefix("digits_") for p in RECIPES.glob("digits_*.yaml") if p.stem != "digits_teacher")
+        raise FileNotFoundError(f"no digits recipe for method {method!r} ({path}); available: {', '.join(available)}")
+    return path
+
+
+def evaluation_prompts(n: int) -> tuple[list[str], list[int]]:
+    """``n`` prompts cycling through the digits 0-9 and the three phrasings."""
+    labels = [i % 10 for i in range(n)]
+    return [digit_prompt(d, i // 10) for i, d in enumerate(labels)], labels
+
+
+def initial_noise(n: int, latent_shape, seed: int) -> torch.Tensor:
+    return torch.randn((n, *latent_shape), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float, batch_size: int = 250) -> torch.Tensor:
+    """The pipeline's own output (``output_type="pt"``) for given initial latents, mapped to [-1, 1]."""
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        out = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                   latents=latents[i : i + batch_size], output_type="pt")
+        images.append(out.images * 2 - 1)
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def latency_per_image(pipe, steps: int, guidance: float, repeats: int = 7) -> float:
+    """Median seconds for one prompt at batch 1, end to end (text, backbone, decode), after a warm-up call."""
+    times = []
+    for i in range(repeats + 1):
+        tic = time.perf_counter()
+        pipe([digit_prompt(i % 10, i)], num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+             generator=torch.Generator().manual_seed(i))
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times[1:])
+
+
+def save_loss_curve(metrics_file: Path, path: Path, keys=("loss_generator", "loss_critic")) -> Path | None:
+    """A loss-curve PNG with PIL only: one polyline per logged loss, each scaled to its own range."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if len(v) > 1}
+    if not series:
+        return None
+    width, height, pad = 640, 360, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((pad, pad, width - pad, height - pad), outline=(160, 160, 160))
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
+    last_step = max(s for v in series.values() for s, _ in v)
+    for (name, points), color in zip(series.items(), colors):
+        values = [v for _, v in points]
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        xy = [(pad + (width - 2 * pad) * s / last_step, height - pad - (height - 2 * pad) * (v - lo) / span) for s, v in points]
+        draw.line(xy, fill=color, width=2)
+        draw.text((pad + 4, 8 + 14 * list(series).index(name)), f"{name}: {values[0]:.3g} -> {values[-1]:.3g} (range {lo:.3g}..{hi:.3g})", fill=color)
+    draw.text((pad, height - pad + 8), f"step 0 .. {last_step}", fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def distill(method: str, run_dir: Path, overrides: list[str] | None = None) -> tuple[Path, float]:
+    """Trains the method's digits recipe into ``run_dir`` (resuming if it holds a run); returns (run_dir, seconds)."""
+    from diffdistill.config import load_recipe
+    from diffdistill.engine.trainer import train
+
+    cfg = load_recipe(recipe_path(method), [f"out={run_dir}", *(overrides or [])])
+    tic = time.perf_counter()
+    train(cfg)
+    return run_dir, time.perf_counter() - tic
+
+
+def judge_generator(pipe, steps: int, guidance: float, prompts: list[str], labels: list[int], latents: torch.Tensor, judge,
+                    latency_repeats: int = 7) -> tuple[dict, torch.Tensor]:
+    """One pipeline's judged metrics (and its images) on the given prompts and initial noise."""
+    from diffdistill.zoo.judge import judge_samples
+
+    images = generate_images(pipe, prompts, latents, steps, guidance)
+    metrics = {"steps": steps, "guidance": guidance, **judge_samples(judge, images, labels),
+               "latency_s": latency_per_image(pipe, steps, guidance, latency_repeats)}
+    return metrics, images
+
+
+def load_pipeline(path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def evaluate(teacher_dir, student_dir, *, num_samples: int = 1000, guidance: float, seed: int = 0,
+             latency_repeats: int = 7, grids_dir: Path | None = None) -> dict:
+    """Judges teacher (25 steps, guided), start (teacher, 1 step) and student (exported, 1 step)."""
+    from diffdistill.engine.logging import save_grid
+    from diffdistill.zoo.judge import load_judge
+
+    judge = load_judge()
+    teacher, student = load_pipeline(teacher_dir), load_pipeline(student_dir)
+    prompts, labels = evaluation_prompts(num_samples)
+    latents = initial_noise(num_samples, latent_shape(teacher), seed)
+    runs = {"teacher": (teacher, TEACHER_STEPS, guidance), "start": (teacher, 1, guidance), "student": (student, 1, 1.0)}
+    results, images = {}, {}
+    for name, (pipe, steps, scale) in runs.items():
+        results[name], images[name] = judge_generator(pipe, steps, scale, prompts, labels, latents, judge, latency_repeats)
+        if grids_dir is not None:
+            save_grid((images[name][:40] + 1) / 2, Path(grids_dir) / f"{name}.png", columns=10)
+    if grids_dir is not None:  # teacher, start and student rows: the same noise and prompts (digits 0-9)
+        save_grid((torch.cat([images[name][:10] for name in runs]) + 1) / 2, Path(grids_dir) / "teacher_start_student.png", columns=10)
+    results["speedup"] = results["teacher"]["latency_s"] / results["student"]["latency_s"]
+    results["judge_held_out_accuracy"] = judge.report.get("held_out_accuracy")
+    return results
+
+
+def latent_shape(pipe) -> tuple[int, int, int]:
+    config = pipe.unet.config
+    return (config.in_channels, config.sample_size, config.sample_size)
+
+
+def results_table(results: dict) -> str:
+    lines = ["| generator | steps | digit-FID | prompt accuracy | digits covered | latency / image | speedup |", "|---|---|---|---|---|---|---|"]
+    base = results["teacher"]["latency_s"]
+    for name in ("teacher", "start", "student"):
+        r = results[name]
+        lines.append(f"| {name} | {r['steps']}{' + CFG' if r['guidance'] > 1 else ''} | {r['digit_fid']:.2f} | {100 * r['prompt_accuracy']:.1f}% | "
+                     f"{r['digits_covered']}/10 | {1000 * r['latency_s']:.1f} ms | {base / r['latency_s']:.1f}x |")
+    return "\n".join(lines)
+
+
+def run_quickstart(method: str = "dmd2", out="runs/quickstart", overrides: list[str] | None = None, num_samples: int = 1000,
+                   latency_repeats: int = 7, teacher: str = "zoo:digits") -> dict:
+    """Distill, export, evaluate; writes ``out/results.json``, grids and a loss curve, and returns the results."""
+    from diffdistill.config import load_recipe
+    from diffdistill.export import export_run
+    from diffdistill.teachers import resolve_teacher  # noqa: F401  (fails early with the zoo's message)
+    from diffdistill.zoo import zoo_path
+
+    out = Path(out)
+    overrides = [f"teacher={teacher}", *(overrides or [])]
+    teacher_dir = zoo_path(teacher.split(":", 1)[1]) if teacher.startswith("zoo:") else Path(teacher)
+    cfg = load_recipe(recipe_path(method), overrides)
+    tic = time.perf_counter()
+    run_dir, train_seconds = distill(method, out / "run", overrides)
+    export_dir = out / "student"
+    export_run(run_dir, export_dir, "diffusers", overwrite=True)
+    guidance = float(cfg.method.get("guidance", cfg.sample_guidance))
+    results = evaluate(teacher_dir, export_dir, num_samples=num_samples, guidance=guidance, latency_repeats=latency_repeats, grids_dir=out)
+    loss_curve = save_loss_curve(run_dir / "metrics.jsonl", out / "loss_curve.png")
+    results.update(method=method, export_dir=str(export_dir), run_dir=str(run_dir), train_seconds=train_seconds, train_steps=cfg.max_steps,
+                   total_seconds=time.perf_counter() - tic, loss_curve=str(loss_curve) if loss_curve else None, teacher_guidance=guidance)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+__all__ = ["evaluate", "evaluation_prompts", "generate_images", "results_table", "run_quickstart", "save_loss_curve"]
