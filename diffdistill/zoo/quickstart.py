@@ -169,7 +169,6 @@ def run_quickstart(method: str = "dmd2", out="runs/quickstart", overrides: list[
     """Distill, export, evaluate; writes ``out/results.json``, grids and a loss curve, and returns the results."""
     from diffdistill.config import load_recipe
     from diffdistill.export import export_run
-    from diffdistill.teachers import resolve_teacher  # noqa: F401  (fails early with the zoo's message)
     from diffdistill.zoo import zoo_path
 
     out = Path(out)
