@@ -187,7 +187,7 @@ METHOD_DEFAULTS = {
             "ratio": 4, "critic_loss": "x0"},
     # Phased DMD: two experts, 999 -> 749 -> data (a boundary at 499 left the toy MLP's last expert, which
     # starts near the identity there, slower to train), 3 fake-score steps per generator step
-    "phased_dmd": {"name": "phased_dmd", "guidance": 1.0, "timesteps": [999, 749], "ratio": 3, "critic_weighting": "x0"},
+    "phased_dmd": {"name": "phased_dmd", "guidance": 1.0, "timesteps": [999, 749], "ratio": 3, "critic_weighting": "x0", "expert_ema": 0.98},
 }
 
 # sCM's students need a smooth time embedding (Lu & Song 2024, Sec. 4.1: large Fourier scales make the

@@ -29,10 +29,14 @@ the squared score error, bounded as t -> s; at s = data the usual eps-MSE) or (s
 No official code was available; this follows the paper's summary and our own derivation
 (``tests/test_phased_dmd.py`` checks the target and the gradient in closed form). Experts are separate
 full copies of the teacher (nets ``expert_k``), as are the fake scores (``critic_k``, or LoRA).
+With ``expert_ema`` > 0 each expert keeps an EMA (``ema_k``, checkpointed with the run): the frozen
+earlier experts feed later stages through their EMA and sampling uses the EMAs, so a stage trains on
+the inputs the deployed chain produces.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -64,7 +68,9 @@ def conditional_coefficients(schedule, s, t, like):
     alpha_s, sigma_s = boundary_coefficients(schedule, s, like)
     alpha_t, sigma_t = append_dims(schedule.alpha(t, torch.float64), like.ndim), append_dims(schedule.sigma(t, torch.float64), like.ndim)
     alpha_ts = alpha_t / alpha_s
-    sigma_ts = (sigma_t**2 - alpha_ts**2 * sigma_s**2).clamp_min(0).sqrt()
+    # t -> s: sigma_{t|s} -> 0 (and rounds to 0 at t = s); a floor keeps D*'s 1 / sigma_{t|s} finite,
+    # where the weights that carry sigma_{t|s}^2 bring each loss term back to O(eps^2).
+    sigma_ts = (sigma_t**2 - alpha_ts**2 * sigma_s**2).clamp_min(1e-24).sqrt()
     return alpha_t, sigma_t, alpha_ts, sigma_ts
 
 
@@ -135,6 +141,7 @@ class PhasedDMDOptions:
     critic_weighting: str = "eps"          # eps: sigma_{t|s}^2 |score error|^2 | x0: x0-MSE at s = data
     critic_lora_rank: int = 0              # 0: full copies of the teacher as fake scores
     normalize: str = "sample"              # DM gradient normalization: sample (DMD2) | batch | none
+    expert_ema: float = 0.0                # EMA decay of each expert, used for sampling and later stages; 0: none
 
 
 class PhasedDMD:
@@ -145,7 +152,9 @@ class PhasedDMD:
             raise ValueError(f"method.ratio={options.ratio}: need at least one critic update per generator update")
         if getattr(train_cfg, "ema_decay", 0) > 0:
             raise ValueError("phased_dmd keeps one net per expert (expert_k) and the trainer's EMA follows a single "
-                             "'generator': set ema_decay=0")
+                             "'generator': set ema_decay=0 and method.expert_ema instead")
+        if not 0 <= options.expert_ema < 1:
+            raise ValueError(f"method.expert_ema={options.expert_ema}: an EMA decay in [0, 1)")
         if options.critic_weighting not in WEIGHTINGS:
             raise ValueError(f"method.critic_weighting={options.critic_weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
         self.options, self.teacher, self.schedule = options, teacher, teacher.schedule
@@ -158,6 +167,10 @@ class PhasedDMD:
             self.nets[f"expert_{k}"] = student_denoiser(teacher)
             self.nets[f"critic_{k}"] = make_critic(teacher, options.critic_lora_rank)
         self.engines = [ScoreEngine(teacher, self.nets, critic_name=f"critic_{k}") for k in range(len(self.timesteps))]
+        self.ema_targets = {}
+        if options.expert_ema > 0:
+            for k in range(len(self.timesteps)):
+                self.nets[f"ema_{k}"] = self.ema_targets[f"ema_{k}"] = copy.deepcopy(self.nets[f"expert_{k}"]).requires_grad_(False)
 
     def stage(self, step: int) -> int:
         """The expert being trained at this step (0 = lowest SNR)."""
@@ -170,13 +183,27 @@ class PhasedDMD:
         prefix = "expert" if phase == "generator" else "critic"
         return [f"{prefix}_{k}" for k in range(len(self.timesteps))]  # only the current stage's net gets gradients
 
+    def deployed(self, k: int):
+        """Expert k as sampling uses it: its EMA when kept, else the trained net."""
+        net = self.nets.get(f"ema_{k}", self.nets[f"expert_{k}"])
+        return getattr(net, "module", net)
+
+    def after_step(self, step: int) -> None:
+        """After a generator update, the current stage's EMA follows its expert."""
+        if self.options.expert_ema == 0 or self.phase(step) != "generator":
+            return
+        k = self.stage(step)
+        expert = getattr(self.nets[f"expert_{k}"], "module", self.nets[f"expert_{k}"])
+        for average, online in zip(self.nets[f"ema_{k}"].parameters(), expert.parameters()):
+            average.lerp_(online.detach().to(average.dtype), 1 - self.options.expert_ema)
+
     def _samples(self, batch, k: int) -> torch.Tensor:
-        """x_{s_k}: frozen experts 0..k-1 without gradient, then expert k's step (with gradient if enabled)."""
+        """x_{s_k}: frozen (deployed) experts 0..k-1 without gradient, then expert k's step (with gradient if enabled)."""
         rng, n = batch["rng"], len(batch["prompts"])
         x = rng.randn((n, *self.teacher.latent_shape))
         with torch.no_grad():
             for i in range(k):
-                x = expert_step(self.nets[f"expert_{i}"], self.schedule, x, self.timesteps[i], self.boundaries[i], batch["cond"])
+                x = expert_step(self.deployed(i), self.schedule, x, self.timesteps[i], self.boundaries[i], batch["cond"])
         return expert_step(self.nets[f"expert_{k}"], self.schedule, x, self.timesteps[k], self.boundaries[k], batch["cond"])
 
     def _times_above(self, s, n, rng, device, lo_frac=0.0, hi_frac=1.0):
@@ -210,8 +237,7 @@ class PhasedDMD:
         """Each step with its own expert; deterministic after the initial noise (``generator`` is not drawn from)."""
         x = noise
         for k, (t, s) in enumerate(zip(self.timesteps, self.boundaries)):
-            expert = self.nets[f"expert_{k}"]
-            x = expert_step(getattr(expert, "module", expert), self.schedule, x, t, s, cond)
+            x = expert_step(self.deployed(k), self.schedule, x, t, s, cond)
         return x
 
 
