@@ -153,25 +153,25 @@ def reference_statistics(judge: DigitJudge) -> tuple[np.ndarray, np.ndarray]:
     return _REFERENCE[key]
 
 
-def digit_fid(judge: DigitJudge, images: torch.Tensor, reference=None) -> float:
+def features_fid(judge: DigitJudge, features: np.ndarray, reference=None) -> float:
+    """Frechet distance between judge features and the reference statistics (default: the real digits)."""
     from diffdistill.eval.fid import frechet_distance
 
-    mu, sigma = feature_statistics(judge_outputs(judge, images)[0])
-    mu_ref, sigma_ref = reference if reference is not None else reference_statistics(judge)
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    return frechet_distance(*feature_statistics(features), *(reference if reference is not None else reference_statistics(judge)))
+
+
+def digit_fid(judge: DigitJudge, images: torch.Tensor, reference=None) -> float:
+    return features_fid(judge, judge_outputs(judge, images)[0], reference)
 
 
 def judge_samples(judge: DigitJudge, images: torch.Tensor, labels) -> dict:
     """digit-FID, prompt accuracy and per-digit accuracy of generated ``images`` prompted with ``labels``."""
-    from diffdistill.eval.fid import frechet_distance
-
     labels = np.asarray(labels)
     features, predicted = judge_outputs(judge, images)
-    mu, sigma = feature_statistics(features)
     correct = predicted == labels
     per_digit = {str(d): float(correct[labels == d].mean()) for d in range(10) if (labels == d).any()}
     return {
-        "digit_fid": frechet_distance(mu, sigma, *reference_statistics(judge)),
+        "digit_fid": features_fid(judge, features),
         "prompt_accuracy": float(correct.mean()),
         "per_digit_accuracy": per_digit,
         "digits_covered": sum(v >= 0.5 for v in per_digit.values()),

@@ -96,15 +96,15 @@ def save_loss_curve(metrics_file: Path, path: Path, keys=("loss_generator", "los
     return path
 
 
-def distill(method: str, run_dir: Path, overrides: list[str] | None = None) -> tuple[Path, float]:
-    """Trains the method's digits recipe into ``run_dir`` (resuming if it holds a run); returns (run_dir, seconds)."""
+def distill(method: str, run_dir: Path, overrides: list[str] | None = None):
+    """Trains the method's digits recipe into ``run_dir`` (resuming if it holds a run); returns (its config, seconds)."""
     from diffdistill.config import load_recipe
     from diffdistill.engine.trainer import train
 
     cfg = load_recipe(recipe_path(method), [f"out={run_dir}", *(overrides or [])])
     tic = time.perf_counter()
     train(cfg)
-    return run_dir, time.perf_counter() - tic
+    return cfg, time.perf_counter() - tic
 
 
 def judge_generator(pipe, steps: int, guidance: float, prompts: list[str], labels: list[int], latents: torch.Tensor, judge,
@@ -167,16 +167,15 @@ def results_table(results: dict) -> str:
 def run_quickstart(method: str = "dmd2", out="runs/quickstart", overrides: list[str] | None = None, num_samples: int = 1000,
                    latency_repeats: int = 7, teacher: str = "zoo:digits") -> dict:
     """Distill, export, evaluate; writes ``out/results.json``, grids and a loss curve, and returns the results."""
-    from diffdistill.config import load_recipe
     from diffdistill.export import export_run
     from diffdistill.zoo import zoo_path
 
     out = Path(out)
     overrides = [f"teacher={teacher}", *(overrides or [])]
     teacher_dir = zoo_path(teacher.split(":", 1)[1]) if teacher.startswith("zoo:") else Path(teacher)
-    cfg = load_recipe(recipe_path(method), overrides)
     tic = time.perf_counter()
-    run_dir, train_seconds = distill(method, out / "run", overrides)
+    run_dir = out / "run"
+    cfg, train_seconds = distill(method, run_dir, overrides)
     export_dir = out / "student"
     export_run(run_dir, export_dir, "diffusers", overwrite=True)
     guidance = float(cfg.method.get("guidance", cfg.sample_guidance))
