@@ -179,3 +179,12 @@ def fake_score_loss(critic, schedule, prediction_type: str, x: torch.Tensor, t: 
     if space == "x0":
         return (critic(x_t, t, cond) - x).square().flatten(1).mean(1)
     raise ValueError(f"critic loss space {space!r}: choose native or x0")
+
+
+def critic_phase_loss(critic, teacher, times, x: torch.Tensor, batch: dict, space: str = "native", guidance=1.0) -> torch.Tensor:
+    """The fake-score update every distribution-matching method shares: denoising score matching on
+    detached generator samples ``x`` at t ~ ``times`` with the batch's own noise, per sample."""
+    rng = batch["rng"]
+    t = times(teacher.schedule, x.shape[0], rng).to(x.device)
+    return fake_score_loss(critic, teacher.schedule, teacher.prediction_type, x, t, rng.randn_like(x), batch["cond"], space,
+                           batch["uncond"], guidance)

@@ -246,7 +246,6 @@ def _weights_in(path: Path) -> Path | None:
 
 def resolve_inception_path(explicit: str | Path | None = None) -> Path:
     """The Inception weight file: ``explicit``, else ``$DIFFDISTILL_INCEPTION``, else the default folder."""
-    tried = []
     if explicit:
         found = _weights_in(Path(explicit).expanduser())
         if found is None:

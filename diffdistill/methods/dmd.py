@@ -26,7 +26,7 @@ from diffdistill.generator import TorchRandom, backward_simulation, check_timest
 from diffdistill.methods.base import register_method
 from diffdistill.sampling import ddim_sample
 from diffdistill.schedules import UniformTimesteps, add_noise
-from diffdistill.scores import ScoreEngine, fake_score_loss, make_critic
+from diffdistill.scores import ScoreEngine, critic_phase_loss, make_critic
 
 
 def default_range(schedule, lo_frac: float, hi_frac: float):
@@ -156,11 +156,9 @@ class DMD:
         return loss, logs
 
     def critic_loss(self, batch):
-        rng, n = batch["rng"], len(batch["prompts"])
         with torch.no_grad():
-            x = self._student(batch, n)
-        t = self.critic_times(self.schedule, n, rng).to(x.device)
-        loss = fake_score_loss(self.nets["critic"], self.schedule, self.teacher.prediction_type, x, t, rng.randn_like(x), batch["cond"], self.options.critic_loss)
+            x = self._student(batch, len(batch["prompts"]))
+        loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss)
         return loss, {"loss_fake": loss.mean().item()}
 
     def sample(self, noise, cond, uncond, steps, guidance, generator=None):

@@ -19,14 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from diffdistill.conditioning import encode_prompts
 from diffdistill.generator import backward_simulation, check_timesteps, student_denoiser
+from diffdistill.methods.adversarial import discriminator_loss, generator_gan_loss, noised, require_real_images
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import default_range, distribution_matching_grad, sample_student, surrogate_loss
-from diffdistill.schedules import add_noise
-from diffdistill.scores import ScoreEngine, build_gan_head, fake_score_loss, make_critic
+from diffdistill.scores import ScoreEngine, build_gan_head, critic_phase_loss, make_critic
 
 
 @dataclass
@@ -77,10 +76,6 @@ class DMD2:
     def _student(self, batch, n):
         return backward_simulation(self.nets["generator"], self.schedule, self.timesteps, batch["cond"], batch["rng"], (n, *self.teacher.latent_shape))
 
-    def _noised(self, x, rng):
-        t = self.critic_times(self.schedule, x.shape[0], rng).to(x.device)
-        return add_noise(self.schedule, x, rng.randn_like(x), t), t
-
     def generator_loss(self, batch):
         rng, n = batch["rng"], len(batch["prompts"])
         x = self._student(batch, n)
@@ -90,8 +85,7 @@ class DMD2:
         loss = surrogate_loss(x, grad)
         logs["loss_dm"] = loss.mean().item()
         if self.options.gan_weight > 0:
-            logits, _ = self.engine.gan_logits(*self._noised(x, rng), batch["cond"])
-            gan = F.softplus(-logits)
+            gan, _ = generator_gan_loss(self.engine, *noised(self.schedule, self.critic_times, x, rng), batch["cond"])
             loss = loss + self.options.gan_weight * gan
             logs["loss_gan_g"] = gan.mean().item()
         return loss, logs
@@ -100,17 +94,14 @@ class DMD2:
         rng, n = batch["rng"], len(batch["prompts"])
         with torch.no_grad():
             x = self._student(batch, n)
-        t = self.critic_times(self.schedule, n, rng).to(x.device)
-        loss = fake_score_loss(self.nets["critic"], self.schedule, self.teacher.prediction_type, x, t, rng.randn_like(x), batch["cond"], self.options.critic_loss)
+        loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss)
         logs = {"loss_fake": loss.mean().item()}
         if self.options.gan_weight > 0:
-            if "x0" not in batch:
-                raise ValueError("DMD2's GAN loss needs real images: set data.source to imagefolder or digits, or method.gan_weight=0")
-            fake_logits, _ = self.engine.gan_logits(*self._noised(x, rng), batch["cond"])
-            real_logits, _ = self.engine.gan_logits(*self._noised(batch["x0"], rng), batch["cond"])
-            disc = F.softplus(fake_logits) + F.softplus(-real_logits)
+            real = require_real_images(batch, "DMD2")
+            disc, gan_logs = discriminator_loss(self.engine, noised(self.schedule, self.critic_times, x, rng),
+                                                noised(self.schedule, self.critic_times, real, rng), batch["cond"])
             loss = loss + self.options.gan_critic_weight * disc
-            logs.update(loss_gan_d=disc.mean().item(), real_logit=real_logits.mean().item(), fake_logit=fake_logits.mean().item())
+            logs.update(gan_logs)
         return loss, logs
 
     def sample(self, noise, cond, uncond, steps, guidance, generator=None):

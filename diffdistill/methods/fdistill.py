@@ -35,7 +35,7 @@ from diffdistill.methods.adversarial import discriminator_loss, drop_nonfinite, 
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import default_range, sample_student
 from diffdistill.schedules import add_noise
-from diffdistill.scores import ScoreEngine, fake_score_loss, make_critic
+from diffdistill.scores import ScoreEngine, critic_phase_loss, make_critic
 
 # f (the divergence E_q f(p/q), up to affine terms) and its weight h, h(r) = f''(r) r^2 up to a constant factor
 F_DIVERGENCES: dict[str, tuple[Callable, Callable]] = {
@@ -174,9 +174,7 @@ class FDistill:
         rng, n = batch["rng"], len(batch["prompts"])
         with torch.no_grad():
             x = self._student(batch, n)
-        t = self.critic_times(self.schedule, n, rng).to(x.device)
-        loss = fake_score_loss(self.nets["critic"], self.schedule, self.teacher.prediction_type, x, t, rng.randn_like(x), batch["cond"],
-                               self.options.critic_loss, batch["uncond"], self.guidance.fake_train)
+        loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss, self.guidance.fake_train)
         loss, dropped = drop_nonfinite(loss)
         logs = {"loss_fake": loss.mean().item(), "nan_dropped": float(dropped)}
         if "gan_head" in self.nets:

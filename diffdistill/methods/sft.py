@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from diffdistill.denoiser import native_from_x0
 from diffdistill.generator import student_denoiser
 from diffdistill.methods.base import register_method
