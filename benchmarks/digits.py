@@ -24,11 +24,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffdistill.zoo.quickstart import RECIPES, TEACHER_STEPS  # noqa: E402
-
-
-def available_methods() -> list[str]:
-    return sorted(p.stem.removeprefix("digits_") for p in RECIPES.glob("digits_*.yaml") if p.stem != "digits_teacher")
+from diffdistill.zoo import digits_methods  # noqa: E402
+from diffdistill.zoo.quickstart import TEACHER_STEPS  # noqa: E402
 
 
 def backbone_seconds_per_image(pipe, steps: int, guidance: float, batch: int = 64, repeats: int = 3) -> float:
@@ -77,7 +74,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=None, help=f"default: all of {', '.join(available_methods())}")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"default: all of {', '.join(digits_methods())}")
     parser.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per method")
     parser.add_argument("--steps", type=int, default=None, help="a step budget instead of --minutes")
     parser.add_argument("--samples", type=int, default=1000, help="images per generator for the judge")
@@ -86,10 +83,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-only", action="store_true", help="judge the finished runs under --out again; train nothing")
     args = parser.parse_args(argv)
-    methods = args.methods or available_methods()
-    unknown = [m for m in methods if m not in available_methods()]
+    methods = args.methods or digits_methods()
+    unknown = [m for m in methods if m not in digits_methods()]
     if unknown:
-        parser.error(f"no digits recipe for {unknown}; choose from {', '.join(available_methods())}")
+        parser.error(f"no digits recipe for {unknown}; choose from {', '.join(digits_methods())}")
 
     from diffdistill.config import load_recipe
     from diffdistill.export import export_run

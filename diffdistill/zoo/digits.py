@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 RESOLUTION = 32
-TEACHER_RECIPE = Path(__file__).resolve().parent.parent.parent / "recipes" / "zoo" / "digits_teacher.yaml"
 
 
 def digits_vae(seed: int):
@@ -137,6 +136,7 @@ def train_digits_teacher(out, seed: int = 0, vae_steps: int = 600, unet_steps: i
     from diffdistill.data.digits import load_digits_images
     from diffdistill.engine.trainer import train
     from diffdistill.export import staged
+    from diffdistill.zoo import ZOO_RECIPES
 
     out = Path(out)
     report: dict = {"seed": seed}
@@ -157,7 +157,7 @@ def train_digits_teacher(out, seed: int = 0, vae_steps: int = 600, unet_steps: i
         args = [f"teacher={skeleton}", f"out={Path(work) / 'run'}", f"seed={seed}", "resume=false", *(overrides or [])]
         if unet_steps is not None:
             args.append(f"max_steps={unet_steps}")
-        cfg = load_recipe(TEACHER_RECIPE, args)
+        cfg = load_recipe(ZOO_RECIPES / "digits_teacher.yaml", args)
         tic = time.perf_counter()
         run_dir = train(cfg)
         report["unet_seconds"] = time.perf_counter() - tic

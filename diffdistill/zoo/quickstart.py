@@ -23,15 +23,15 @@ import torch
 
 from diffdistill.data.digits import digit_prompt
 
-RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes" / "zoo"
 TEACHER_STEPS = 25
 
 
 def recipe_path(method: str) -> Path:
-    path = RECIPES / f"digits_{method}.yaml"
+    from diffdistill.zoo import ZOO_RECIPES, digits_methods
+
+    path = ZOO_RECIPES / f"digits_{method}.yaml"
     if not path.is_file():
-        available = sorted(p.stem.removeprefix("digits_") for p in RECIPES.glob("digits_*.yaml") if p.stem != "digits_teacher")
-        raise FileNotFoundError(f"no digits recipe for method {method!r} ({path}); available: {', '.join(available)}")
+        raise FileNotFoundError(f"no digits recipe for method {method!r} ({path}); available: {', '.join(digits_methods()) or 'none'}")
     return path
 
 
