@@ -28,7 +28,7 @@ from diffdistill.zoo import digits_methods  # noqa: E402
 from diffdistill.zoo.quickstart import TEACHER_STEPS  # noqa: E402
 
 
-def backbone_seconds_per_image(pipe, steps: int, guidance: float, batch: int = 64, repeats: int = 3) -> float:
+def backbone_seconds_per_image(pipe, steps: int, guidance: float, batch: int = 64, repeats: int = 5) -> float:
     """Median time spent inside the backbone's forward per image (all steps of a call), at ``batch`` prompts a call.
 
     At batch 1 on a CPU a small UNet's call is mostly fixed overhead, and a batched CFG pass costs
