@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1000, help="generator updates per method")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema", type=float, default=0.0, help="sample each student from an EMA of its generator with this decay (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.add_argument("--save-samples", type=Path, help="write DIR/<target>_<method>.npy (10000x2 float32) and a scatter PNG")
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
         for name in args.methods:
             tic = time.perf_counter()
             with tempfile.TemporaryDirectory() as out:
-                method = train_on_toy(mixture, METHOD_DEFAULTS[name], args.steps, out, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                method = train_on_toy(mixture, METHOD_DEFAULTS[name], args.steps, out, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                      ema_decay=0.0 if name == "phased_dmd" else args.ema)  # phased_dmd: its own expert_ema
             runs.append((name, sample_method(method, 10000), args.steps, time.perf_counter() - tic))
         for name, samples, steps, wall in runs:
             row = {"target": target, "method": name, "steps": steps, "wall_s": wall, **evaluate(samples, mixture)}

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 
-
 def _train(args) -> int:
     from diffdistill.config import load_recipe
     from diffdistill.engine.trainer import train

@@ -196,12 +196,13 @@ SMOOTH_TIME_STUDENTS = {"scm": 10.0, "rcm": 10.0}
 
 
 def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, out, *, batch_size: int = 256, lr: float = 1e-3,
-                 seed: int = 0, widths=(256, 3, 256, 4), num_real: int = 20000, fit: bool = True):
+                 seed: int = 0, widths=(256, 3, 256, 4), num_real: int = 20000, fit: bool = True, ema_decay: float = 0.0):
     """Trains a method against the exact teacher of ``mixture`` with the project's own Trainer.
 
     Returns the trained method (``fit=False``: the same method untrained, at its initialization).
     ``generator_steps`` counts generator updates; critic steps come on top as the method's phase
-    rule says.
+    rule says. ``ema_decay`` > 0: the trainer's EMA of the generator, loaded into it after training
+    (what an exported student would be).
     """
     from diffdistill.config import TrainConfig
     from diffdistill.data.sources import DataSource
@@ -216,7 +217,7 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, o
     while count < generator_steps:
         count, total = count + (probe(total) == "generator"), total + 1
     cfg = TrainConfig(teacher=f"exact:{mixture.name}", out=str(out), method=dict(method), batch_size=batch_size, max_steps=total,
-                      seed=seed, checkpoint_every=10**9, log_every=max(1, total // 20), resume=False)
+                      seed=seed, checkpoint_every=10**9, log_every=max(1, total // 20), resume=False, ema_decay=ema_decay)
     cfg.optim.lr = cfg.critic_optim.lr = lr
     cfg.optim.betas = cfg.critic_optim.betas = [0.9, 0.99]
     cfg.optim.weight_decay = cfg.critic_optim.weight_decay = 0.0
@@ -224,6 +225,9 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, o
     trainer = Trainer(cfg, teacher=teacher, data=data)
     if fit:
         trainer.fit()
+        if "generator" in trainer.emas:
+            generator = trainer.method.nets["generator"]
+            getattr(generator, "module", generator).load_state_dict(trainer.emas["generator"].state_dict())
     return trainer.method
 
 

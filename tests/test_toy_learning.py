@@ -28,6 +28,18 @@ def test_dmd2_energy_distance_falls_twentyfold(tmp_path):
     assert end * 20 <= start, (start, end)
 
 
+def test_train_on_toy_samples_from_the_generator_ema(tmp_path):
+    """With a decay of ~1 the EMA stays at the initialization, so the returned generator must too."""
+    def generator_params(**kwargs):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        method = train_on_toy(ring8(), METHOD_DEFAULTS["dmd2"], 3, out, widths=(16, 1, 16, 1), **kwargs)
+        return torch.cat([p.detach().flatten() for p in method.nets["generator"].parameters()])
+
+    untrained = generator_params(fit=False)
+    assert not torch.equal(generator_params(), untrained)
+    torch.testing.assert_close(generator_params(ema_decay=1 - 1e-12), untrained)
+
+
 def test_mode_report_tells_sharp_from_blurry_and_dropped():
     mixture = ring8()
     g = torch.Generator().manual_seed(0)
