@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         run_dir = args.out / method / "run"
         try:
             if args.eval_only:
-                seconds = logged_train_seconds(run_dir)
+                seconds = last_logged_row(run_dir)["train_seconds"]
             else:
                 _, seconds = distill(method, run_dir, [*budget, f"seed={args.seed}", "checkpoint_every=1000000"])
             export_run(run_dir, args.out / method / "student", "diffusers", overwrite=True)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             continue
         student = load_pipeline(args.out / method / "student")
         metrics, _ = judge_generator(student, 1, 1.0, prompts, labels, latents, judge)
-        rows.append({"name": method, **metrics, "train_seconds": seconds, "train_steps": last_logged_step(run_dir),
+        rows.append({"name": method, **metrics, "train_seconds": seconds, "train_steps": last_logged_row(run_dir)["step"],
                      "backbone_s": backbone_seconds_per_image(student, 1, 1.0)})
         print(f"{method}: digit-FID {metrics['digit_fid']:.2f}, prompt accuracy {100 * metrics['prompt_accuracy']:.1f}%", flush=True)
     for r in rows:
@@ -134,15 +134,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def logged_train_seconds(run_dir: Path) -> float:
-    """Training time of a finished run from its last metrics row (steps / it_per_s of an uninterrupted run)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return rows[-1]["step"] / rows[-1]["it_per_s"] if rows and rows[-1].get("it_per_s") else float("nan")
-
-
-def last_logged_step(run_dir: Path) -> int:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return int(rows[-1]["step"]) if rows else 0
+def last_logged_row(run_dir: Path) -> dict:
+    """The run's last metrics row, with its step and training time (steps / it_per_s of an uninterrupted run)."""
+    lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    row = json.loads(lines[-1]) if lines else {}
+    step = int(row.get("step", 0))
+    return {**row, "step": step, "train_seconds": step / row["it_per_s"] if row.get("it_per_s") else float("nan")}
 
 
 if __name__ == "__main__":

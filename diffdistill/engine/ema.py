@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 
+@torch.no_grad()
+def lerp_parameters(average: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * online, for a module copy that is itself used as a
+    network (LCM's target, Phased DMD's deployed experts), not a float32 shadow."""
+    for a, o in zip(average.parameters(), online.parameters()):
+        a.lerp_(o.detach().to(a.dtype), 1 - decay)
+
+
 class EMA:
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay

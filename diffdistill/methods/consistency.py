@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from diffdistill.engine.ema import lerp_parameters
 from diffdistill.generator import check_timesteps, student_denoiser
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import sample_student
@@ -243,9 +244,7 @@ class ConsistencyDistillation:
         """The target follows the student: theta^- <- mu theta^- + (1 - mu) theta (LCM, mu = 0.95)."""
         if "target" not in self.nets:
             return
-        student = getattr(self.nets["generator"], "module", self.nets["generator"])
-        for target, online in zip(self.nets["target"].parameters(), student.parameters()):
-            target.lerp_(online.detach().to(target.dtype), 1 - self.options.target_ema)
+        lerp_parameters(self.nets["target"], getattr(self.nets["generator"], "module", self.nets["generator"]), self.options.target_ema)
 
     def sample(self, noise, cond, uncond, steps, guidance, generator=None):
         """LCM's multistep sampler; ``guidance`` is the w the student is conditioned on (pick one inside the

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffdistill.engine.ema import lerp_parameters
 from diffdistill.generator import check_timesteps, student_denoiser
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import NORMALIZATIONS, surrogate_loss
@@ -193,9 +194,8 @@ class PhasedDMD:
         if self.options.expert_ema == 0 or self.phase(step) != "generator":
             return
         k = self.stage(step)
-        expert = getattr(self.nets[f"expert_{k}"], "module", self.nets[f"expert_{k}"])
-        for average, online in zip(self.nets[f"ema_{k}"].parameters(), expert.parameters()):
-            average.lerp_(online.detach().to(average.dtype), 1 - self.options.expert_ema)
+        expert = self.nets[f"expert_{k}"]
+        lerp_parameters(self.nets[f"ema_{k}"], getattr(expert, "module", expert), self.options.expert_ema)
 
     def _samples(self, batch, k: int) -> torch.Tensor:
         """x_{s_k}: frozen (deployed) experts 0..k-1 without gradient, then expert k's step (with gradient if enabled)."""
