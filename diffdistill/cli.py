@@ -6,18 +6,24 @@
     diffdistill export RUN_DIR --to OUT        a diffusers folder / single file / LoRA of the student
     diffdistill quickstart [--method dmd2]      the README's first command: distill the bundled digits teacher on CPU
     diffdistill zoo train-digits               rebuild the bundled digits teacher and its judge from a seed
+    diffdistill plan RECIPE [key=value ...] --gpus N --gpu-memory 80GB   predict per-GPU memory from config files
 """
 
 from __future__ import annotations
 
+# Each verb imports what it runs inside its own function, on purpose: the library pulls in torch and
+# diffusers (seconds), and `diffdistill --help` or a typo in a verb should answer at once.
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from diffdistill.eval.arguments import add_eval_arguments  # light: argparse only
+
 
 def _train(args) -> int:
-    from diffdistill.config import load_recipe
-    from diffdistill.engine.trainer import train
+    from diffdistill.config import load_recipe  # lazy: see the note at the top
+    from diffdistill.run import train  # lazy: see the note at the top
 
     cfg = load_recipe(args.recipe, args.overrides)
     run_dir = train(cfg)
@@ -26,7 +32,7 @@ def _train(args) -> int:
 
 
 def _tiny_sd(args) -> int:
-    from diffdistill.backbones.tiny import write_tiny_pipeline
+    from diffdistill.backbones.tiny import write_tiny_pipeline  # lazy: see the note at the top
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -37,7 +43,7 @@ def _tiny_sd(args) -> int:
 
 
 def _quickstart(args) -> int:
-    from diffdistill.zoo.quickstart import results_table, run_quickstart
+    from diffdistill.zoo.quickstart import results_table, run_quickstart  # lazy: see the note at the top
 
     overrides = list(args.overrides) + ([f"max_steps={args.steps}"] if args.steps else [])
     results = run_quickstart(args.method, args.out, overrides, num_samples=args.samples, latency_repeats=args.latency_repeats)
@@ -51,9 +57,9 @@ def _quickstart(args) -> int:
 
 
 def _zoo(args) -> int:
-    from diffdistill.zoo import ZOO_ROOT
-    from diffdistill.zoo.digits import train_digits_teacher
-    from diffdistill.zoo.judge import JUDGE_FILE, save_judge, train_judge
+    from diffdistill.zoo import ZOO_ROOT  # lazy: see the note at the top
+    from diffdistill.zoo.digits import train_digits_teacher  # lazy: see the note at the top
+    from diffdistill.zoo.judge import JUDGE_FILE, save_judge, train_judge  # lazy: see the note at the top
 
     out = Path(args.out) if args.out else ZOO_ROOT / "digits"
     report = train_digits_teacher(out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps, vae_from=args.vae_from)
@@ -66,9 +72,62 @@ def _zoo(args) -> int:
 
 
 def _eval(args) -> int:
-    from diffdistill.eval.run import run_eval
+    from diffdistill.eval.run import run_eval  # lazy: see the note at the top
 
     return run_eval(args)
+
+
+FORMAT_CHOICES = ("diffusers", "single-file", "lora")  # diffdistill.export.FORMATS, without importing it (see the note at the top)
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a `diffdistill train` run folder (its out=)")
+    parser.add_argument("--to", dest="out", required=True, metavar="OUT", help="folder to write (a .safetensors path for --format single-file)")
+    parser.add_argument("--format", choices=FORMAT_CHOICES, default="diffusers",
+                        help="diffusers: a pipeline folder (default); single-file: one .safetensors with metadata; lora: adapters for the teacher")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps the export is checked and documented for (default: all training timesteps)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: if the run kept them)")
+    parser.add_argument("--rank", type=int, default=64, help="LoRA rank of the SVD extraction (--format lora)")
+    parser.add_argument("--teacher", default=None, metavar="PATH", help="the teacher pipeline, if it moved since training")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only once the new export is complete)")
+    parser.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def _summary(info: dict) -> str:
+    lines = [f"wrote {info['format']} export of {info['checkpoint']} ({'EMA' if info['ema'] else 'raw'} weights) to {info['out']}"]
+    if "max_abs_diff_vs_sampler" in info:
+        lines.append(f"checked: {info['steps']}-step pipeline output vs diffdistill's sampler, max |diff| = {info['max_abs_diff_vs_sampler']:.2e}")
+    if info["format"] == "lora":
+        lines.append(f"LoRA rank {info['rank']} ({info['source']}), {info['layers']} layers: relative Frobenius error mean "
+                     f"{info['mean_relative_frobenius']:.3g}, max {info['max_relative_frobenius']:.3g}; max |output diff| "
+                     f"{info['max_abs_output_diff']:.3g} (teacher vs student {info['max_abs_output_diff_teacher']:.3g}); "
+                     f"{len(info['unrepresented'])} parameters without a LoRA form")
+    return "\n".join(lines)
+
+
+def _export(args) -> int:
+    from diffdistill.export import export_run  # lazy: see the note at the top
+
+    info = export_run(args.run_dir, args.out, args.format, args.steps, args.ema, args.overwrite, args.rank, args.teacher)
+    print(json.dumps(info, indent=2, default=str) if args.json else _summary(info))
+    return 0
+
+
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/sd15/dmd2.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe key, e.g. teacher=/path/to/pipeline-folder")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the run uses (FSDP shards over them)")
+    parser.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB or 24GB (read as GiB)")
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch per GPU (default: batch_size / (gpus x grad_accum))")
+    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: data.resolution, else the backbone's)")
+    parser.add_argument("--lora-rank", type=int, default=64, help="rank of the LoRA tiers (default 64, or the recipe's critic_lora_rank)")
+    parser.add_argument("--replicate-teacher", action="store_true", help="under FSDP keep a whole teacher on every GPU")
+
+
+def _plan(args) -> int:
+    from diffdistill.plan import run_plan  # lazy: see the note at the top
+
+    return run_plan(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,27 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--skip-judge", action="store_true")
     digits.set_defaults(func=_zoo)
 
-    try:
-        from diffdistill.eval.run import add_eval_arguments
-    except ImportError:  # the evaluation harness is optional at import time
-        add_eval_arguments = None
-    if add_eval_arguments is not None:
-        ev = verbs.add_parser("eval", help="FID / KID / CLIP score of a pipeline", description="Generate with any diffusers pipeline folder and score it on the COCO protocol the papers use.")
-        add_eval_arguments(ev)
-        ev.set_defaults(func=_eval)
-    from diffdistill.export.cli import add_export_arguments, run_export
+    ev = verbs.add_parser("eval", help="FID / KID / CLIP score of a pipeline", description="Generate with any diffusers pipeline folder and score it on the COCO protocol the papers use.")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=_eval)
     ex = verbs.add_parser("export", help="write a run's student as a diffusers folder, single file or LoRA", description="Export the latest checkpoint of a run: a diffusers pipeline folder that plain DiffusionPipeline.from_pretrained samples in K steps, one .safetensors, or a LoRA for the teacher.")
-    add_export_arguments(ex)
-    ex.set_defaults(func=run_export)
+    _export_arguments(ex)
+    ex.set_defaults(func=_export)
+    pl = verbs.add_parser("plan", help="predict per-GPU training memory of a recipe from config files (no weights, no GPU)",
+                          description="A prediction, not a measurement: builds the teacher's backbone, VAE and text encoders from their "
+                                      "config.json on the meta device, measures activations there, and prints a Markdown table of "
+                                      "per-GPU GiB by component for a ladder of memory tiers, the cheapest that fits marked.")
+    _plan_arguments(pl)
+    pl.set_defaults(func=_plan)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffdistill.backbones.loading import CheckpointError
-    from diffdistill.config import ConfigError
-    from diffdistill.engine.trainer import TrainingDiverged
+    args = build_parser().parse_args(argv)  # first: --help and usage errors answer before torch loads
+    from diffdistill.backbones.loading import CheckpointError  # lazy: see the note at the top
+    from diffdistill.config import ConfigError  # lazy: see the note at the top
+    from diffdistill.engine.trainer import TrainingDiverged  # lazy: see the note at the top
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:

@@ -58,6 +58,9 @@ class TrainConfig:
     max_steps: int = 100
     time_limit_minutes: float = 0.0    # stop (with a checkpoint) after the step that passes this wall time; 0: no limit
     mixed_precision: str = "no"        # no | fp16 | bf16
+    parallel: str = "ddp"              # ddp: every process holds whole nets | fsdp: PyTorch FSDP2 shards them over processes
+    shard_teacher: bool = False        # fsdp: shard the frozen teacher too (else every process holds it, in teacher_dtype)
+    cpu_offload: bool = False          # fsdp: keep parameter shards and optimizer state in host memory (GPU runs)
     seed: int = 0
     ema_decay: float = 0.0             # EMA of the generator; 0 disables
     checkpoint_every: int = 500        # plus one at the last step

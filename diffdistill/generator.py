@@ -15,6 +15,7 @@ import copy
 
 import torch
 
+from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import add_noise
 
 
@@ -74,3 +75,14 @@ def backward_simulation(generator, schedule, timesteps: list[float], cond: dict,
     k = rng.shared_randint(0, len(timesteps)) if len(timesteps) > 1 else 0
     noise = rng.randn(shape)
     return generate(generator, schedule, timesteps, noise, cond, rng, steps_with_grad_from=k, num_steps=k + 1)
+
+
+@torch.no_grad()
+def sample_student(generator, schedule, timesteps, noise, cond, torch_generator=None):
+    """What a user gets: the student's own few-step sampler (guidance is baked in by training).
+
+    Re-noising draws from ``torch_generator`` itself, in the exported pipeline's order (see
+    :class:`~diffdistill.generator.TorchRandom`), so both give the same sample for the same seed."""
+    generator = getattr(generator, "module", generator)
+    rng = TorchRandom(torch_generator) if torch_generator is not None else BatchRandom(0, device=noise.device)
+    return generate(generator, schedule, timesteps, noise, cond, rng)

@@ -12,7 +12,7 @@ A schedule maps a time ``t`` in its native units to ``(alpha_t, sigma_t)`` of
 
 Conversions run in float64 (small alpha near t = T-1 loses digits in float32) and return the
 requested dtype. Samplers draw from an ``rng`` with ``rand(shape)`` / ``randn(shape)``
-(see :mod:`diffdistill.engine.random`) so data-parallel runs draw the same numbers as one process.
+(see :mod:`diffdistill.randomness`) so data-parallel runs draw the same numbers as one process.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDPMScheduler
 
 from diffdistill.param import append_dims
 
@@ -35,8 +36,6 @@ class VPSchedule:
     @classmethod
     def from_scheduler_config(cls, config) -> "VPSchedule":
         """Reads ``abar`` the way diffusers does, from any DDPM/DDIM/Euler/... scheduler config."""
-        from diffusers import DDPMScheduler
-
         config = dict(config)
         if config.get("prediction_type") == "flow_prediction" or "shift" in config:
             raise ValueError("this scheduler config describes a flow-matching model; use FlowSchedule")

@@ -23,6 +23,8 @@ from torch import nn
 
 from diffdistill.backbones import feature_module
 from diffdistill.conditioning import cond_cat
+from diffdistill.denoiser import native_from_x0
+from diffdistill.schedules import add_noise
 
 
 def cfg_combine(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, w) -> torch.Tensor:
@@ -160,9 +162,6 @@ def fake_score_loss(critic, schedule, prediction_type: str, x: torch.Tensor, t: 
     kappa_1, e.g. ``||eps_f^w(x_t) - eps||^2``; guidance is affine, so guiding x0 and converting
     equals guiding the native output.
     """
-    from diffdistill.denoiser import native_from_x0
-    from diffdistill.schedules import add_noise
-
     x = x.detach()
     x_t = add_noise(schedule, x, eps, t)
     if uncond is not None and (torch.is_tensor(guidance) or guidance != 1.0):

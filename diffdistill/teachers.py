@@ -2,31 +2,43 @@
 
 * a local diffusers pipeline folder, or a single ``.safetensors`` (with ``teacher_config``);
 * ``tiny:unet`` / ``tiny:dit`` / ``tiny:sd3`` -- a tiny random pipeline built in memory from a seed;
-* ``zoo:NAME`` -- a teacher shipped inside the package (see :mod:`diffdistill.zoo`).
+* ``zoo:NAME`` -- a teacher shipped inside the package, under ``diffdistill/zoo/weights/NAME``
+  (see :mod:`diffdistill.zoo`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 
 from diffdistill.backbones.loading import Teacher, _teacher_from_pipe, load_teacher
+from diffdistill.backbones.tiny import tiny_pipeline
+
+ZOO_ROOT = Path(__file__).parent / "zoo" / "weights"
+
+
+def zoo_path(name: str) -> Path:
+    path = ZOO_ROOT / name
+    if not (path / "model_index.json").is_file():
+        available = sorted(p.name for p in ZOO_ROOT.iterdir() if p.is_dir()) if ZOO_ROOT.is_dir() else []
+        raise FileNotFoundError(
+            f"zoo teacher {name!r} is not shipped in this install (available: {', '.join(available) or 'none'}); "
+            f"`diffdistill zoo train-{name}` builds it"
+        )
+    return path
 
 
 def resolve_teacher(spec: str, *, config=None, allow_pickle=False, trust_remote_code=False, seed: int = 0, dtype: str = "float32") -> Teacher:
     if not spec:
         raise ValueError("no teacher given: set teacher=/path/to/pipeline (or tiny:unet for a test model)")
     if spec.startswith("tiny:"):
-        from diffdistill.backbones.tiny import tiny_pipeline
-
         pipe = tiny_pipeline(spec.split(":", 1)[1], seed).to(getattr(torch, dtype))
         index = {"unet": [None, None]} if hasattr(pipe, "unet") and pipe.unet is not None else {"transformer": [None, None]}
         return _teacher_from_pipe(pipe, index, spec)
     if spec.startswith("zoo:"):
-        from diffdistill.zoo import zoo_path
-
         return load_teacher(zoo_path(spec.split(":", 1)[1]), torch_dtype=getattr(torch, dtype))
     return load_teacher(spec, config=config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, torch_dtype=getattr(torch, dtype))
 
 
-__all__ = ["resolve_teacher"]
+__all__ = ["ZOO_ROOT", "resolve_teacher", "zoo_path"]

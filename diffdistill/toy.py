@@ -14,7 +14,12 @@ import torch
 from torch import nn
 
 from diffdistill.backbones.loading import Teacher
+from diffdistill.config import TrainConfig
+from diffdistill.data.sources import DataSource
+from diffdistill.methods.base import method_options
 from diffdistill.param import append_dims
+from diffdistill.run import build_trainer
+from diffdistill.sampling import ddim_sample
 from diffdistill.schedules import VPSchedule
 
 SD15_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -204,10 +209,6 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, o
     rule says. ``ema_decay`` > 0: the trainer's EMA of the generator, loaded into it after training
     (what an exported student would be).
     """
-    from diffdistill.config import TrainConfig
-    from diffdistill.data.sources import DataSource
-    from diffdistill.engine.trainer import Trainer
-
     teacher = toy_teacher(mixture, generator_width=widths[0], generator_depth=widths[1], critic_width=widths[2], critic_depth=widths[3],
                           generator_max_frequency=SMOOTH_TIME_STUDENTS.get(method["name"], 100.0))
     real = mixture.sample(num_real, torch.Generator().manual_seed(seed + 1))
@@ -222,7 +223,7 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, o
     cfg.optim.betas = cfg.critic_optim.betas = [0.9, 0.99]
     cfg.optim.weight_decay = cfg.critic_optim.weight_decay = 0.0
     cfg.optim.grad_clip = cfg.critic_optim.grad_clip = 10.0
-    trainer = Trainer(cfg, teacher=teacher, data=data)
+    trainer = build_trainer(cfg, teacher=teacher, data=data)
     if fit:
         trainer.fit()
         if "generator" in trainer.emas:
@@ -232,8 +233,6 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, o
 
 
 def _phase_rule(method: dict):
-    from diffdistill.methods.base import method_options
-
     name, options = method_options(method)
     ratio = getattr(options, "ratio", None)
     if name == "rcm":  # sCM alone for dmd_warmup steps, then `ratio` critic steps and one generator step
@@ -255,7 +254,5 @@ def sample_method(method, n: int, seed: int = 123) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_teacher_ode(teacher, n: int, steps: int = 50, seed: int = 123) -> torch.Tensor:
-    from diffdistill.sampling import ddim_sample
-
     noise = torch.randn((n, *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
     return ddim_sample(teacher.denoiser(), noise, teacher.schedule.sampling_timesteps(steps), {}).float()

@@ -11,7 +11,7 @@ from torch import nn
 
 from diffdistill.backbones.loading import Teacher
 from diffdistill.denoiser import Denoiser
-from diffdistill.engine.random import BatchRandom
+from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import VPSchedule
 from diffdistill.scores import ScoreEngine
 from diffdistill.toy import SD15_SCHEDULE, ExactDenoiserNet, GaussianMixture

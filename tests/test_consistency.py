@@ -11,9 +11,10 @@ from torch import nn
 
 from diffdistill.backbones.loading import Teacher
 from diffdistill.denoiser import Denoiser
-from diffdistill.engine.random import BatchRandom
-from diffdistill.methods.consistency import (SOLVERS, CDOptions, ConsistencyDistillation, boundary_coefficients, consistency_output,
-                                             guidance_embedding, lcm_timesteps, skip_grid, teacher_ode_step)
+from diffdistill.randomness import BatchRandom
+from diffdistill.methods.consistency import CDOptions, ConsistencyDistillation, lcm_timesteps, skip_grid
+from diffdistill.methods.lcm_student import boundary_coefficients, consistency_output, guidance_embedding
+from diffdistill.methods.teacher_ode import SOLVERS, teacher_ode_step
 from diffdistill.schedules import FlowSchedule, VPSchedule
 from diffdistill.scores import ScoreEngine
 from diffdistill.toy import SD15_SCHEDULE
@@ -155,14 +156,14 @@ def test_unet_student_gets_a_zero_initialized_guidance_input(tiny_unet_dir):
 def toy_trainer(out, max_steps, spec):
     from diffdistill.config import TrainConfig
     from diffdistill.data.sources import DataSource
-    from diffdistill.engine.trainer import Trainer
+    from diffdistill.run import build_trainer
     from diffdistill.toy import ring8, toy_teacher
 
     mixture = ring8()
     teacher = toy_teacher(mixture, generator_width=16, generator_depth=1, critic_width=16, critic_depth=1)
     data = DataSource([""] * 64, mixture.sample(64, torch.Generator().manual_seed(1)), 0, 0.0)
     cfg = TrainConfig(teacher="exact:ring8", out=str(out), method=dict(spec), batch_size=8, max_steps=max_steps, checkpoint_every=2, log_every=1)
-    return Trainer(cfg, teacher=teacher, data=data)
+    return build_trainer(cfg, teacher=teacher, data=data)
 
 
 def test_ema_target_follows_the_student_and_resumes_exactly(tmp_path):

@@ -12,7 +12,7 @@ from torch import nn
 
 from diffdistill.backbones.loading import Teacher
 from diffdistill.denoiser import Denoiser
-from diffdistill.engine.random import BatchRandom
+from diffdistill.randomness import BatchRandom
 from diffdistill.methods.dmd import distribution_matching_grad, surrogate_loss
 from diffdistill.schedules import VPSchedule
 from diffdistill.scores import ScoreEngine

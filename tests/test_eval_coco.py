@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffdistill.eval import coco
+from diffdistill.eval import coco, generation, protocol, reference_stats
 from diffdistill.eval.fid import TORCHSCRIPT_FILE, TORCHSCRIPT_URL
 from diffdistill.eval.inception import write_random_torchscript_inception
 from diffdistill.eval.run import add_eval_arguments, protocol_label, run_eval
@@ -169,11 +169,11 @@ def test_centre_crop_is_gigagans_torchvision_crop(size):
     from torchvision.transforms.functional import center_crop
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    ours = coco.centre_crop_long_edge(image)
+    ours = protocol.centre_crop_long_edge(image)
     theirs = center_crop(image, min(image.size))
     assert ours.size == theirs.size
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
-    assert coco.protocol_image(image).shape == (256, 256, 3)
+    assert protocol.protocol_image(image).shape == (256, 256, 3)
 
 
 def test_protocol_label_never_hides_the_sample_count():
@@ -191,13 +191,13 @@ def test_images_do_not_depend_on_the_batch_they_fall_in(assets, tmp_path):
 
     pipeline = load_pipeline(str(assets["pipeline"]), "cpu", torch.float32)
     captions = ["a red cube", "a cat"]
-    kwargs = coco.pipeline_call_kwargs(pipeline, STEPS, GUIDANCE, RESOLUTION)
-    together = coco.generate_images(pipeline, captions, tmp_path / "a", batch_size=2, seed=5, call_kwargs=kwargs)
-    coco.generate_images(pipeline, captions, tmp_path / "b", batch_size=1, seed=5, call_kwargs=kwargs)
+    kwargs = generation.pipeline_call_kwargs(pipeline, STEPS, GUIDANCE, RESOLUTION)
+    together = generation.generate_images(pipeline, captions, tmp_path / "a", batch_size=2, seed=5, call_kwargs=kwargs)
+    generation.generate_images(pipeline, captions, tmp_path / "b", batch_size=1, seed=5, call_kwargs=kwargs)
     assert together.generated == 2 and together.nfe == 2 * STEPS  # guided steps count twice
     for i in range(2):
-        a = np.asarray(Image.open(coco.image_path(tmp_path / "a", i)), dtype=int)
-        b = np.asarray(Image.open(coco.image_path(tmp_path / "b", i)), dtype=int)
+        a = np.asarray(Image.open(generation.image_path(tmp_path / "a", i)), dtype=int)
+        b = np.asarray(Image.open(generation.image_path(tmp_path / "b", i)), dtype=int)
         assert a.shape == (RESOLUTION, RESOLUTION, 3)
         assert np.abs(a - b).max() <= 1  # same noise; only float reduction order may differ
 
@@ -207,9 +207,9 @@ def test_settings_a_pipeline_does_not_take_are_refused():
         def __call__(self, prompt, num_inference_steps=1, generator=None, output_type="pil"):
             pass
 
-    assert coco.pipeline_call_kwargs(OneStepGenerator(), steps=1) == {"num_inference_steps": 1}
+    assert generation.pipeline_call_kwargs(OneStepGenerator(), steps=1) == {"num_inference_steps": 1}
     with pytest.raises(ValueError, match="guidance_scale"):
-        coco.pipeline_call_kwargs(OneStepGenerator(), steps=1, guidance=3.0)
+        generation.pipeline_call_kwargs(OneStepGenerator(), steps=1, guidance=3.0)
 
 
 def test_clip_score_is_the_cosine_with_the_prefixed_caption(assets):
@@ -241,7 +241,7 @@ def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeyp
     argv = eval_argv(assets, out, "--benchmark", "prompts", "--prompts", str(assets["prompts"]))
 
     # First run: stopped after two of the three images.
-    real_save = coco._save_png
+    real_save = generation._save_png
     saved = []
 
     def save_then_stop(array, path):
@@ -250,7 +250,7 @@ def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeyp
         real_save(array, path)
         saved.append(path.name)
 
-    monkeypatch.setattr(coco, "_save_png", save_then_stop)
+    monkeypatch.setattr(generation, "_save_png", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         diffdistill_eval(argv)
     first = sorted(p.name for p in (out / "images").glob("*.png"))
@@ -259,10 +259,10 @@ def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeyp
     kept = {name: (out / "images" / name).read_bytes() for name in first}
 
     # Second run: only the remainder is generated; the reference statistics come from the cache.
-    monkeypatch.setattr(coco, "_save_png", real_save)
+    monkeypatch.setattr(generation, "_save_png", real_save)
     extracted = []
-    real_extract = coco.extract_features
-    monkeypatch.setattr(coco, "extract_features", lambda paths, *a, **k: extracted.append(len(paths))
+    real_extract = protocol.extract_features
+    monkeypatch.setattr(protocol, "extract_features", lambda paths, *a, **k: extracted.append(len(paths))
                         or real_extract(paths, *a, **k))
     capsys.readouterr()
     assert diffdistill_eval(argv) == 0
@@ -311,7 +311,7 @@ def test_coco_benchmark_selects_captions_and_labels_a_short_run(assets):
     assert (title, nominal, split) == ("COCO-2014 val", 30_000, "val2014")
     assert captions.captions == coco.select_coco_captions(annotations, 2, seed=0).captions
     assert all(c.startswith("picture ") and "\n" not in c and "  " not in c for c in captions.captions)
-    assert [p.name for p in coco.reference_image_paths(assets["coco"], split, annotations)] == [
+    assert [p.name for p in reference_stats.reference_image_paths(assets["coco"], split, annotations)] == [
         f"COCO_val2014_{i:012d}.jpg" for i in (7, 19, 42)]
     label = protocol_label(len(captions.captions), nominal, title)
     assert label == "FID-2, COCO-2014 val (2 of the protocol's 30000: not comparable with FID-30k)"

@@ -224,7 +224,7 @@ def test_clean_mode_features_equal_clean_fids_pipeline(torchscript_inception, tm
     from cleanfid.fid import get_folder_features
     from cleanfid.inception_torchscript import InceptionV3W
 
-    from diffdistill.eval.coco import extract_features
+    from diffdistill.eval.protocol import extract_features
 
     folder = tmp_path / "images"
     folder.mkdir()

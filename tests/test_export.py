@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffdistill.config import load_recipe
-from diffdistill.engine.trainer import train
+from diffdistill.run import train
 from diffdistill.export import ExportError, export_run, export_student, load_student
 from diffdistill.export.diffusers_folder import reference_output
 
@@ -137,7 +137,7 @@ def test_teacher_that_does_not_match(runs, tmp_path):
 
 
 def test_existing_out_is_refused_then_replaced_whole(unet_student, tmp_path, monkeypatch, capsys):
-    import diffdistill.export.diffusers_folder as folder
+    import diffdistill.export as export  # export_student calls the writer it imported
     from diffdistill.cli import main
 
     out = tmp_path / "out"
@@ -150,7 +150,7 @@ def test_existing_out_is_refused_then_replaced_whole(unet_student, tmp_path, mon
         (tmp / "unet").mkdir(parents=True)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(folder, "write_diffusers", half_written)
+    monkeypatch.setattr(export, "write_diffusers", half_written)
     with pytest.raises(RuntimeError, match="disk full"):
         export_student(unet_student, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "old"  # no temp left, old intact

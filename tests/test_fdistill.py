@@ -9,7 +9,7 @@ import torch
 
 import gaussian_1d as g
 from diffdistill.config import ConfigError, TrainConfig
-from diffdistill.engine.random import BatchRandom
+from diffdistill.randomness import BatchRandom
 from diffdistill.methods import build_method
 from diffdistill.methods.fdistill import (F_DIVERGENCES, density_ratio_from_logits, dm_surrogate, normalize_ratio_by_t,
                                           weighted_dm_grad)

@@ -13,7 +13,7 @@ from torch import nn
 from diffdistill.backbones.loading import Teacher
 from diffdistill.config import ConfigError, TrainConfig
 from diffdistill.denoiser import Denoiser
-from diffdistill.engine.random import BatchRandom
+from diffdistill.randomness import BatchRandom
 from diffdistill.guidance import Guidance, anti_cfg, fake_cfg, guidance_from_options, lsg, proper_guidance, standard_cfg, zero_cfg
 from diffdistill.methods import build_method
 from diffdistill.schedules import VPSchedule

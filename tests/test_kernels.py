@@ -17,7 +17,8 @@ import torch
 import diffdistill.kernels  # noqa: F401  (package import registers the submodules)
 from diffdistill.kernels import attention_reference, flash_attention, flash_attention_jvp
 
-fa = sys.modules["diffdistill.kernels.flash_attention"]  # the package attribute is the function
+launch = sys.modules["diffdistill.kernels.launch"]  # dispatch, tiles, launchers
+triton_kernels = sys.modules["diffdistill.kernels.triton_kernels"]
 processors = sys.modules["diffdistill.kernels.processors"]
 
 # (batch, heads, q length, k/v length, head dim): ragged lengths, q != k, padded head dims
@@ -25,8 +26,9 @@ SHAPES = [(1, 2, 5, 7, 8), (2, 2, 20, 37, 40), (1, 1, 33, 17, 24)]
 # max |error| against float64, per input dtype (fp16 holds ~3 decimal digits)
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
 DTYPES = [torch.float32, torch.float16]
-needs_triton = pytest.mark.skipif(fa.triton is None, reason="needs triton")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or fa.triton is None, reason="needs a CUDA GPU and triton")
+needs_triton = pytest.mark.skipif(triton_kernels.triton is None, reason="needs triton")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_kernels.triton is None,
+                                reason="needs a CUDA GPU and triton")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,17 +44,17 @@ def one_thread():
 @pytest.fixture
 def interpreter(monkeypatch):
     """Run Triton kernels on CPU tensors through the interpreter; count launches."""
-    if fa.triton is None:
+    if triton_kernels.triton is None:
         pytest.skip("needs triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     launched = []
-    launch = fa._launch
+    real_launch = launch._launch
 
     def counting_launch(kernel, *args, **meta):
         launched.append(kernel.__name__)
-        launch(kernel, *args, **meta)
+        real_launch(kernel, *args, **meta)
 
-    monkeypatch.setattr(fa, "_launch", counting_launch)
+    monkeypatch.setattr(launch, "_launch", counting_launch)
     return launched
 
 
@@ -180,7 +182,7 @@ def test_vmap_over_jvp(interpreter):
 
 def test_torch_fallback_without_triton_device(compiled):
     """CPU tensors without the interpreter: the torch reference, still forward-differentiable."""
-    assert not fa.triton_available("cpu")
+    assert not launch.triton_available("cpu")
     primals, tangents = make((1, 2, 5, 7, 8), torch.float32), make((1, 2, 5, 7, 8), torch.float32, seed=1)
     out, tangent = torch.func.jvp(flash_attention, tuple(primals), tuple(tangents))
     ref, ref_tangent = reference_jvp(primals, tangents)
@@ -276,7 +278,7 @@ def unet_case():
 def test_unet_jvp_matches_math_attention(interpreter, unet_case, monkeypatch):
     from diffdistill.kernels import use_fused_attention
 
-    monkeypatch.setattr(fa, "INTERPRETER_TILE", 32)  # 1.5x faster; 77 text tokens still span 3 ragged blocks
+    monkeypatch.setattr(launch, "INTERPRETER_TILE", 32)  # 1.5x faster; 77 text tokens still span 3 ragged blocks
     unet, sample, text, (ref, ref_tangent) = unet_case
     assert use_fused_attention(unet) == 8  # 2 down, 2 mid, 4 up (self + cross each)
     out, tangent = unet_jvp(unet, sample, text)
@@ -403,9 +405,9 @@ def test_gpu_long_self_attention(compiled):
 @needs_triton
 @pytest.mark.parametrize("head_dim", [40, 64, 80, 128, 160, 256])
 def test_autotune_keeps_a_tile_for_every_pass(head_dim):
-    for kernel, extra in ((fa._fwd_kernel, {"WITH_TANGENT": False}), (fa._fwd_kernel, {"WITH_TANGENT": True}),
-                          (fa._bwd_kv_kernel, {}), (fa._bwd_q_kernel, {})):
-        kept = fa._prune_configs(kernel, fa._gpu_configs(kernel), {}, BLOCK_D=fa._block_d(head_dim), **extra)
+    fwd, bwd_kv, bwd_q = triton_kernels._fwd_kernel, triton_kernels._bwd_kv_kernel, triton_kernels._bwd_q_kernel
+    for kernel, extra in ((fwd, {"WITH_TANGENT": False}), (fwd, {"WITH_TANGENT": True}), (bwd_kv, {}), (bwd_q, {})):
+        kept = launch._prune_configs(kernel, launch._gpu_configs(kernel), {}, BLOCK_D=launch._block_d(head_dim), **extra)
         assert 1 <= len(kept) <= 5
         assert all(c.kwargs["BLOCK_M"] >= 16 and c.kwargs["BLOCK_N"] >= 16 for c in kept)  # tl.dot's minimum
 
@@ -441,11 +443,12 @@ def test_kernels_lower_to_sm90(dtype, tangent):
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    if not isinstance(fa._max_combine, JITFunction):
+    if not isinstance(triton_kernels._max_combine, JITFunction):
         pytest.skip("triton was imported with TRITON_INTERPRET=1: its library is interpreter-only")
-    for kernel, extra in ((fa._fwd_kernel, {"WITH_TANGENT": tangent}), (fa._bwd_kv_kernel, {}), (fa._bwd_q_kernel, {})):
+    fwd, bwd_kv, bwd_q = triton_kernels._fwd_kernel, triton_kernels._bwd_kv_kernel, triton_kernels._bwd_q_kernel
+    for kernel, extra in ((fwd, {"WITH_TANGENT": tangent}), (bwd_kv, {}), (bwd_q, {})):
         meta = dict(BLOCK_D=64, PRECISION="tf32", **extra)
-        tile = fa._prune_configs(kernel, fa._gpu_configs(kernel), {}, **meta)[-1]
+        tile = launch._prune_configs(kernel, launch._gpu_configs(kernel), {}, **meta)[-1]
         source = ASTSource(JITFunction(kernel), _signature(kernel, "*" + dtype), dict(meta, **tile.kwargs))
         try:
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),

@@ -12,9 +12,9 @@ from torch import nn
 
 from diffdistill.backbones.loading import Teacher
 from diffdistill.denoiser import Denoiser
-from diffdistill.engine.random import BatchRandom
-from diffdistill.methods.phased_dmd import (conditional_coefficients, stage_ends, subinterval_dm_grad, subinterval_score_loss,
-                                           subinterval_x0_target)
+from diffdistill.randomness import BatchRandom
+from diffdistill.methods.phased_dmd import stage_ends
+from diffdistill.methods.subinterval import conditional_coefficients, subinterval_dm_grad, subinterval_score_loss, subinterval_x0_target
 from diffdistill.scores import ScoreEngine
 from diffdistill.schedules import VPSchedule
 from diffdistill.toy import SD15_SCHEDULE, ExactDenoiserNet, GaussianMixture

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from diffdistill.config import load_recipe
-from diffdistill.engine.trainer import train
+from diffdistill.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

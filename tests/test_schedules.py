@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffdistill.engine.random import BatchRandom
+from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import (FlowSchedule, LogitNormalTimesteps, LogNormalTimesteps, UniformTimesteps, VPSchedule, add_noise,
                                    make_timestep_sampler, schedule_from_scheduler_config, sigma_alpha_ratio)
 

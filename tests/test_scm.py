@@ -14,10 +14,10 @@ from torch import nn
 
 from diffdistill.backbones.loading import Teacher
 from diffdistill.denoiser import Denoiser
-from diffdistill.engine.random import BatchRandom
-from diffdistill.methods.scm import (LogVarHead, TrigFlowTimes, check_jvp_supported, normalize_tangent, scm_loss, scm_tangent,
-                                     teacher_tangent, trigflow_time, trigflow_velocity, trigflow_x0, use_jvp_attention,
-                                     velocity_and_tangent)
+from diffdistill.randomness import BatchRandom
+from diffdistill.methods.scm import normalize_tangent, scm_loss, scm_tangent
+from diffdistill.methods.trigflow import (LogVarHead, TrigFlowTimes, check_jvp_supported, teacher_tangent, trigflow_time, trigflow_velocity,
+                                          trigflow_x0, use_jvp_attention, velocity_and_tangent)
 from diffdistill.schedules import FlowSchedule, VPSchedule
 from diffdistill.scores import ScoreEngine
 from diffdistill.toy import SD15_SCHEDULE

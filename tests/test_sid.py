@@ -14,7 +14,7 @@ import torch
 
 import gaussian_1d as g
 from diffdistill.config import ConfigError, TrainConfig
-from diffdistill.engine.random import BatchRandom
+from diffdistill.randomness import BatchRandom
 from diffdistill.methods import build_method
 from diffdistill.methods.sid import SiDTimesteps, sid_generator_loss
 from diffdistill.toy import METHOD_DEFAULTS, energy_distance, mode_report, ring8, sample_method, toy_teacher, train_on_toy

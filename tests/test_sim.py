@@ -10,7 +10,7 @@ import torch
 
 import gaussian_1d as g
 from diffdistill.config import ConfigError, TrainConfig
-from diffdistill.engine.random import BatchRandom
+from diffdistill.randomness import BatchRandom
 from diffdistill.methods import build_method
 from diffdistill.methods.sid import sid_loss
 from diffdistill.methods.sim import pseudo_huber_grad, sim_generator_loss, sim_loss

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from diffdistill.config import load_recipe
 from diffdistill.engine import checkpoint as ckpt
-from diffdistill.engine.trainer import Trainer, TrainingDiverged, train
+from diffdistill.engine.trainer import TrainingDiverged
+from diffdistill.run import build_trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny" / "sft.yaml"
@@ -49,7 +50,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     # gradients agree to float rounding (all-reduce order); Adam's first steps divide by sqrt(v), so a
     # near-zero gradient's rounding can move one weight by a fraction of lr: bound the mean, and the max loosely
     a, b = weights(one, 4), weights(tmp_path / "two", 4)
-    start = Trainer(load_recipe(RECIPE, [f"out={tmp_path / 'fresh'}"])).method.nets["generator"].state_dict()
+    start = build_trainer(load_recipe(RECIPE, [f"out={tmp_path / 'fresh'}"])).method.nets["generator"].state_dict()
     moved = torch.cat([(a[k] - start[k]).abs().flatten() for k in a]).mean()
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert moved > 1e-5 and diff.mean() < 1e-3 * moved and diff.max() < 0.5 * 1e-4, (moved, diff.mean(), diff.max())
@@ -59,7 +60,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     cfg = load_recipe(RECIPE, [f"out={tmp_path}", "max_steps=6", "checkpoint_every=2", *FAST])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     original = trainer.method.generator_loss
 
     def poisoned(batch):

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
 
 from diffdistill.backbones import SUPPORTED_BACKBONES, backbone_kind
+from diffdistill.denoiser import Denoiser
 from diffdistill.schedules import schedule_from_scheduler_config
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -40,9 +43,7 @@ class Teacher:
     make_critic: object = None
     data_shape: tuple | None = None  # per-sample shape, where the backbone has no sample_size (toy)
 
-    def denoiser(self, backbone: torch.nn.Module | None = None):
-        from diffdistill.denoiser import Denoiser
-
+    def denoiser(self, backbone: torch.nn.Module | None = None) -> Denoiser:
         return Denoiser(self.backbone if backbone is None else backbone, self.schedule, self.prediction_type)
 
     @property
@@ -88,8 +89,6 @@ def load_teacher(path: str | os.PathLike, *, config: str | None = None, allow_pi
     path = Path(path).expanduser()
     if path.is_file() or path.suffix in PICKLE_SUFFIXES + (".safetensors",):
         return _load_single_file(path, config, allow_pickle, trust_remote_code, torch_dtype)
-    from diffusers import DiffusionPipeline
-
     index = _check_pipeline_folder(path, allow_pickle)
     pipe = DiffusionPipeline.from_pretrained(
         path, local_files_only=True, use_safetensors=not allow_pickle, dtype=torch_dtype,
@@ -151,8 +150,6 @@ def _convert_original_backbone(teacher: Teacher, path: Path) -> dict:
 def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict:
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     if not allow_pickle:
         raise CheckpointError(f"refusing to unpickle {str(path)!r}; convert it to .safetensors or pass allow_pickle=true")

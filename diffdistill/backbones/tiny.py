@@ -15,10 +15,32 @@ re-loaded with ``CLIPTokenizer.from_pretrained``: in transformers 5.x the ``voca
 from __future__ import annotations
 
 import json
+import string
 import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 TINY_ARCHS = ("unet", "dit", "sd3")
 TEXT_LENGTH = 32      # characters are tokens here; long enough for "a handwritten digit 7"
@@ -39,8 +61,6 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def tiny_tokenizer(max_length: int = TEXT_LENGTH):
-    from transformers import CLIPTokenizer
-
     chars = _bytes_to_unicode()
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,8 +70,6 @@ def tiny_tokenizer(max_length: int = TEXT_LENGTH):
 
 
 def tiny_text_encoder(tokenizer, seed: int, with_projection: bool = False, hidden: int = TEXT_DIM):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -63,11 +81,6 @@ def tiny_text_encoder(tokenizer, seed: int, with_projection: bool = False, hidde
 
 def tiny_t5_tokenizer(max_length: int = TEXT_LENGTH):
     """A character-level Unigram tokenizer in T5's format (pad 0, eos 1, unk 2)."""
-    import string
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import T5TokenizerFast
-
     pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + list(string.printable[:95])
     backend = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=2))
     backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
@@ -76,16 +89,12 @@ def tiny_t5_tokenizer(max_length: int = TEXT_LENGTH):
 
 
 def tiny_t5_encoder(seed: int, d_model: int = TEXT_DIM):
-    from transformers import T5Config, T5EncoderModel
-
     torch.manual_seed(seed)
     config = T5Config(vocab_size=128, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2)
     return T5EncoderModel(config).eval()
 
 
 def tiny_vae(seed: int, latent_channels: int = 4, image_size: int = 16, **extra):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels,
@@ -95,8 +104,6 @@ def tiny_vae(seed: int, latent_channels: int = 4, image_size: int = 16, **extra)
 
 
 def tiny_unet(seed: int, sample_size: int = 8, cross_attention_dim: int = TEXT_DIM, **extra):
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
@@ -107,8 +114,6 @@ def tiny_unet(seed: int, sample_size: int = 8, cross_attention_dim: int = TEXT_D
 
 
 def _unet_pipeline(seed: int):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     tokenizer = tiny_tokenizer()
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -122,8 +127,6 @@ def _unet_pipeline(seed: int):
 
 
 def _dit_pipeline(seed: int):
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
@@ -134,8 +137,6 @@ def _dit_pipeline(seed: int):
 
 
 def _sd3_pipeline(seed: int):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
     torch.manual_seed(seed)
     # Two CLIP encoders of width 16 concatenate to joint_attention_dim 32; pooled 16 + 16 = 32.
     transformer = SD3Transformer2DModel(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PHRASINGS = ("a handwritten digit {d}", "the number {w}", "{d}")
@@ -19,8 +20,6 @@ def digit_prompt(label: int, phrasing: int) -> str:
 
 def load_digits_images(resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (images in [-1, 1] of shape (N, 3, R, R), labels (N,)). Pixel values 0..16 in the source."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
     images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)

@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from diffdistill.engine.random import derive_seed
+from diffdistill.data.digits import digit_prompt, load_digits_images
+from diffdistill.randomness import derive_seed
 
 
 class DataSource:
@@ -65,16 +67,12 @@ def image_resolution(teacher, data_cfg) -> int:
 
 
 def _digits(cfg, teacher):
-    from diffdistill.data.digits import digit_prompt, load_digits_images
-
     images, labels = load_digits_images(image_resolution(teacher, cfg.data))
     prompts = [digit_prompt(int(label), i) for i, label in enumerate(labels)]
     return prompts, encode_images(teacher, images)
 
 
 def _imagefolder(cfg, teacher):
-    from PIL import Image
-
     root = Path(cfg.data.path or "")
     meta = root / "metadata.jsonl"
     if not meta.is_file():

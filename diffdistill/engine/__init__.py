@@ -1,1 +1,1 @@
-"""The one training loop and its side effects: checkpoints, EMA, logging, randomness."""
+"""The one training loop and its side effects: sharding, checkpoints, logging."""

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 
 def tensorboard_available() -> bool:
@@ -21,8 +22,6 @@ def append_metrics(run_dir: Path, step: int, logs: dict) -> None:
 
 def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> Path:
     """Images in [0, 1], shape (N, 3, H, W), tiled into one PNG (nearest-upscaled when tiny)."""
-    from PIL import Image
-
     n, _, h, w = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)

@@ -1,24 +1,31 @@
-"""The one training loop, on ``accelerate`` (single process, DDP, FSDP or DeepSpeed alike).
+"""The one training loop, on ``accelerate``: one process, or many under DDP or FSDP2 (``parallel``).
 
 Each optimizer step: ask the method which phase the step is, run ``grad_accum`` micro-batches of
 that phase's loss, clip, step, update the EMA; then log, draw a sample grid, checkpoint.
 Randomness and data order are functions of (seed, step), so a resumed run and a run on more
-processes reproduce the single uninterrupted run (see :mod:`diffdistill.engine.random`).
+processes reproduce the single uninterrupted run (see :mod:`diffdistill.randomness`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
 
-from diffdistill.config import TrainConfig, dump_yaml, to_dict
+from diffdistill.conditioning import PromptCache, encode_prompts
+from diffdistill.config import ConfigError, TrainConfig, dump_yaml, to_dict
+from diffdistill.ema import EMA
 from diffdistill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffdistill.engine.ema import EMA
 from diffdistill.engine.logging import append_metrics, save_grid, tensorboard_available
-from diffdistill.engine.random import derive_seed, step_random
+from diffdistill.engine.sharding import FullState, Snapshot, full_tensor, reshard, set_gradient_sync, shard
+from diffdistill.methods.base import Method
+from diffdistill.randomness import derive_seed, step_random
+from diffdistill.sampling import decode_latents
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,42 +45,65 @@ def _unwrap(module):
     return getattr(module, "module", module)
 
 
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's accelerator; refuses a global batch that does not split over accumulation x processes."""
+    log_with = "tensorboard" if tensorboard_available() else None
+    # Without cpu=True, accelerate treats a multi-process launch on a machine with no GPU as
+    # single-process; with it, `accelerate launch --multi_gpu --num_processes N` runs gloo DDP on CPU.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(Path(cfg.out)), cpu=not torch.cuda.is_available())
+    world = accelerator.num_processes
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise ConfigError(f"batch_size={cfg.batch_size} must divide evenly into grad_accum={cfg.grad_accum} x {world} processes")
+    if cfg.parallel not in PARALLEL:
+        raise ConfigError(f"parallel={cfg.parallel!r}: choose one of {', '.join(PARALLEL)}")
+    if cfg.parallel == "fsdp" and world == 1:
+        raise ConfigError("parallel=fsdp shards over several processes, but this is one: launch with "
+                          "`accelerate launch --multi_gpu --num_processes N -m diffdistill.cli train ...`, or drop parallel=fsdp")
+    if cfg.parallel != "fsdp" and (cfg.shard_teacher or cfg.cpu_offload):
+        raise ConfigError("shard_teacher and cpu_offload are FSDP options: add parallel=fsdp (and launch several processes)")
+    if cfg.cpu_offload and not torch.cuda.is_available():
+        raise ConfigError("cpu_offload moves shards from GPU to host memory; on a machine without GPUs drop cpu_offload=true")
+    return accelerator
+
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def place_teacher(teacher, device) -> None:
+    """Moves the frozen teacher (its pipeline's text encoders and VAE too) to the training device."""
+    if teacher.pipe is not None:
+        teacher.pipe.to(device)
+    teacher.backbone.to(device)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, teacher=None, data=None):
-        """``teacher`` and ``data`` may be given as objects (benchmarks with exact teachers);
-        by default they are resolved from the recipe."""
-        from accelerate import Accelerator
-
-        from diffdistill.conditioning import PromptCache
-        from diffdistill.data.sources import build_data_source
-        from diffdistill.methods import build_method
-        from diffdistill.teachers import resolve_teacher
-
+    def __init__(self, cfg: TrainConfig, teacher, method: Method, data, accelerator: Accelerator | None = None):
+        """``teacher``, ``method`` and ``data`` come built (see :mod:`diffdistill.run`, which builds
+        them from a recipe); the trainer knows only the :class:`~diffdistill.methods.base.Method` protocol."""
         self.cfg, self.run_dir = cfg, Path(cfg.out)
-        log_with = "tensorboard" if tensorboard_available() else None
-        # Without cpu=True, accelerate treats a multi-process launch on a machine with no GPU as
-        # single-process; with it, `accelerate launch --multi_gpu --num_processes N` runs gloo DDP on CPU.
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(self.run_dir),
-                                       cpu=not torch.cuda.is_available())
-        world = self.accelerator.num_processes
-        if cfg.batch_size % (cfg.grad_accum * world):
-            raise ValueError(f"batch_size={cfg.batch_size} must divide evenly into grad_accum={cfg.grad_accum} x {world} processes")
-        self.local_batch = cfg.batch_size // (cfg.grad_accum * world)
-        torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights (e.g. GAN heads) on every rank
-        self.teacher = teacher or resolve_teacher(cfg.teacher, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle,
-                                                  trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, dtype=cfg.teacher_dtype)
-        if self.teacher.pipe is not None:
-            self.teacher.pipe.to(self.accelerator.device)
-        self.teacher.backbone.to(self.accelerator.device)
-        self.data = data or build_data_source(cfg, self.teacher)
-        self.method = build_method(cfg.method, self.teacher, cfg, self.data.prompts)
-        self.encode = PromptCache(self.teacher.pipe, self.accelerator.device) if self.teacher.pipe is not None else (lambda prompts: {})
+        self.accelerator = accelerator or make_accelerator(cfg)
+        self.local_batch = cfg.batch_size // (cfg.grad_accum * self.accelerator.num_processes)
+        self.teacher, self.method, self.data = teacher, method, data
+        place_teacher(teacher, self.accelerator.device)
+        self.encode = PromptCache(teacher.pipe, self.accelerator.device) if teacher.pipe is not None else (lambda prompts: {})
         self._prepare()
 
     def _prepare(self) -> None:
         cfg, acc, method = self.cfg, self.accelerator, self.method
+        self.trained = {name: _trainable(net) for name, net in method.nets.items() if _trainable(net)}  # name -> its trained params
+        self.sharded = cfg.parallel == "fsdp"
+        # A method's EMA copies (LCM's target, Phased DMD's expert EMAs) follow a trained net parameter by
+        # parameter, so under FSDP they are sharded as that net is.
+        ema_copies = [id(m) for m in getattr(method, "ema_targets", {}).values()]
         for name, net in method.nets.items():
-            method.nets[name] = acc.prepare_model(net) if _trainable(net) else net.to(acc.device)
+            if name not in self.trained and not (self.sharded and id(net) in ema_copies):
+                method.nets[name] = net.to(acc.device)
+            elif self.sharded:
+                method.nets[name] = shard(net.to(acc.device), cfg.mixed_precision, cfg.cpu_offload)
+            else:
+                method.nets[name] = acc.prepare_model(net)
+        if self.sharded and cfg.shard_teacher:
+            shard(self.teacher.backbone)  # frozen: gathered block by block for its forward passes, in its own dtype
         self.optimizers = {}
         for phase in method.phases:
             opt_cfg = cfg.optim if phase == "generator" else cfg.critic_optim
@@ -101,12 +131,35 @@ class Trainer:
         return batch
 
     def _no_sync(self, names: list[str], last: bool):
+        if self.sharded:  # FSDP2: reduce-scatter only the last micro-batch's gradients
+            for name in names:
+                set_gradient_sync(self.method.nets[name], last)
+            return contextlib.nullcontext()
         if last:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         for name in names:
             stack.enter_context(self.accelerator.no_sync(self.method.nets[name]))
         return stack
+
+    @contextlib.contextmanager
+    def _reading_only(self, stepped: list[str]):
+        """Nets this phase reads but does not step (the critic in a generator phase) run unwrapped
+        with frozen parameters: gradients still flow to their inputs, but none is computed for their
+        weights, so DDP expects no reduction (a GAN head reading part of a DDP critic would otherwise
+        leave it waiting for the rest) and FSDP reduces nothing for them."""
+        method, frozen = self.method, {name: net for name, net in self.method.nets.items() if name in self.trained and name not in stepped}
+        for name, net in frozen.items():
+            method.nets[name] = _unwrap(net)
+            for p in self.trained[name]:
+                p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for name, net in frozen.items():
+                method.nets[name] = net
+                for p in self.trained[name]:
+                    p.requires_grad_(True)
 
     def train_step(self, step: int) -> dict:
         cfg, acc, method = self.cfg, self.accelerator, self.method
@@ -119,7 +172,7 @@ class Trainer:
         loss_fn = method.generator_loss if phase == "generator" else method.critic_loss
         logs: dict = {}
         for micro in range(cfg.grad_accum):
-            with self._no_sync(names, micro == cfg.grad_accum - 1):
+            with self._reading_only(names), self._no_sync(names, micro == cfg.grad_accum - 1):
                 with acc.autocast():
                     per_sample, logs = loss_fn(self.make_batch(step, micro))
                 loss = per_sample.float().mean()
@@ -127,10 +180,12 @@ class Trainer:
                 acc.backward(loss / cfg.grad_accum)
         if opt_cfg.grad_clip > 0:
             params = [p for name in names for p in _trainable(method.nets[name])]
-            logs["grad_norm"] = float(acc.clip_grad_norm_(params, opt_cfg.grad_clip))
+            logs["grad_norm"] = float(full_tensor(acc.clip_grad_norm_(params, opt_cfg.grad_clip)))
         optimizer.step()
-        for opt in self.optimizers.values():  # a generator loss may leave grads on critic params (SiD)
-            opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
+        if self.sharded:
+            for net in method.nets.values():
+                reshard(net)
         if phase == "generator" and "generator" in self.emas:
             self.emas["generator"].update(_unwrap(method.nets["generator"]))
         if hasattr(method, "after_step"):  # the one hook after an optimizer step (LCM's EMA target follows the student)
@@ -150,36 +205,39 @@ class Trainer:
 
     # ---- side effects -----------------------------------------------------------------------
 
+    def _state_views(self) -> tuple[dict, dict, dict]:
+        """What a checkpoint holds: trained nets, EMAs, optimizers; under FSDP seen as full tensors."""
+        nets = {k: _unwrap(self.method.nets[k]) for k in self.trained}
+        optimizers = {k: opt.optimizer for k, opt in self.optimizers.items()}
+        if not self.sharded:
+            return nets, dict(self.emas), optimizers
+        return tuple({k: FullState(v) for k, v in group.items()} for group in (nets, self.emas, optimizers))
+
     def checkpoint(self, step: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        nets, emas, optimizers = self._state_views()
+        if self.sharded:  # gathering is collective: every process takes part, the main one keeps the tensors
+            nets, emas, optimizers = ({k: Snapshot(v.state_dict(keep=acc.is_main_process)) for k, v in group.items()}
+                                      for group in (nets, emas, optimizers))
         if acc.is_main_process:
-            nets = {k: _unwrap(v) for k, v in self.method.nets.items() if _trainable(v)}
-            optimizers = {k: opt.optimizer for k, opt in self.optimizers.items()}
             state = {"config": to_dict(self.cfg), "teacher": self.cfg.teacher, "method": self.cfg.method}
-            save_checkpoint(self.run_dir, step, nets, self.emas, optimizers, state, self.cfg.keep_checkpoints)
+            save_checkpoint(self.run_dir, step, nets, emas, optimizers, state, self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
 
     def resume(self) -> int:
         path = latest_checkpoint(self.run_dir) if self.cfg.resume else None
         if path is None:
             return 0
-        nets = {k: _unwrap(v) for k, v in self.method.nets.items() if _trainable(v)}
-        optimizers = {k: opt.optimizer for k, opt in self.optimizers.items()}
-        import json
-
         saved = json.loads((path / "state.json").read_text())
         for key in ("teacher", "method"):
             if saved[key] != getattr(self.cfg, key):
                 raise ValueError(f"{self.run_dir} holds a run with {key}={saved[key]!r}, not {getattr(self.cfg, key)!r}; use another out=")
-        state = load_checkpoint(path, nets, self.emas, optimizers)
+        state = load_checkpoint(path, *self._state_views())
         return int(state["step"])
 
     @torch.no_grad()
     def sample_grid(self, step: int) -> Path | None:
-        from diffdistill.conditioning import encode_prompts
-        from diffdistill.sampling import decode_latents
-
         cfg = self.cfg
         prompts = cfg.sample_prompts or self.data.prompts[:8]
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "grid"))
@@ -188,6 +246,8 @@ class Trainer:
         uncond = encode_prompts(self.teacher.pipe, [""] * len(prompts), self.accelerator.device)
         steps = cfg.sample_steps or self.method.default_sample_steps
         x0 = self.method.sample(noise, cond, uncond, steps, cfg.sample_guidance, gen)
+        if not self.accelerator.is_main_process:  # under FSDP every process joins the sampling; one writes
+            return None
         return save_grid(decode_latents(self.teacher.pipe, x0).cpu(), self.run_dir / "samples" / f"step-{step:08d}.png")
 
     def _out_of_time(self, tic: float) -> bool:
@@ -198,8 +258,6 @@ class Trainer:
         return bool(self.accelerator.reduce(over, reduction="sum").item() > 0)
 
     def fit(self) -> Path:
-        from tqdm.auto import tqdm
-
         cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +275,7 @@ class Trainer:
                 append_metrics(self.run_dir, done, logs)
                 acc.log({k: v for k, v in logs.items() if isinstance(v, float)}, step=done)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)})
-            if cfg.sample_every and done % cfg.sample_every == 0 and acc.is_main_process:
+            if cfg.sample_every and done % cfg.sample_every == 0 and (acc.is_main_process or self.sharded):
                 self.sample_grid(done)
             out_of_time = self._out_of_time(tic)
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time:
@@ -229,9 +287,4 @@ class Trainer:
         return self.run_dir
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Runs (or resumes) the recipe and returns the run folder."""
-    return Trainer(cfg).fit()
-
-
-__all__ = ["Trainer", "train", "TrainingDiverged", "lr_at"]
+__all__ = ["Trainer", "TrainingDiverged", "lr_at", "make_accelerator", "place_teacher"]

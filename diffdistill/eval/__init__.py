@@ -3,18 +3,21 @@
 The protocol is GigaGAN's (Kang et al., 2023), the one DMD2 and SiD-LSG report:
 one image per caption, centre-crop on the long edge, PIL LANCZOS to 256 px, then
 clean-fid's "clean" mode (Parmar et al., 2022) with the TF-Inception pool features.
-See ``README_SECTION.md`` beside this file.
+See the README's section "Evaluation: FID, KID and CLIP score on the papers' COCO protocol".
 
 Nothing here downloads anything: every weight file is read from a local path and
 a missing one raises :class:`MissingWeightsError` naming the file, where it is
 published, and where to put it.
 
-Submodules (imported lazily, they pull in torch):
+Submodules (not imported by this package: they pull in torch):
 
 - ``fid``: streaming statistics, Frechet distance, KID, Inception feature extractors
 - ``inception``: the TF-Inception network with torch-fidelity's parameter names
 - ``clip_score``: CLIP score (open_clip ViT-g/14, or any transformers ``CLIPModel`` folder)
-- ``coco``: captions, protocol image transform, reference statistics, resumable generation
+- ``coco``: the COCO benchmarks and their caption selection (or a prompts file)
+- ``protocol``: the protocol's image transform, and feature extraction through it
+- ``reference_stats``: the cached reference statistics of a COCO validation split
+- ``generation``: resumable, timed generation of one image per caption
 - ``run``: the ``diffdistill eval`` command
 """
 

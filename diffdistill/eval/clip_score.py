@@ -19,6 +19,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from diffdistill.eval import MissingWeightsError
 
@@ -63,7 +66,7 @@ def check_clip_backend(path: Path) -> None:
     """Fail before any generation if the back-end for ``path`` cannot load."""
     if path.is_file():
         try:
-            import open_clip  # noqa: F401
+            import open_clip  # noqa: F401  (optional dependency open_clip_torch: only this back-end needs it)
         except ImportError as error:
             raise ImportError(
                 f"{path} is an open_clip weight file, which needs the open_clip package: "
@@ -83,8 +86,6 @@ class ClipScorer:
     comparable_with: str
 
     def similarities(self, images: list[np.ndarray], captions: list[str]) -> np.ndarray:
-        import torch
-
         with torch.inference_mode():
             image_embeddings = self.embed_images(images).double()
             text_embeddings = self.embed_texts([PROMPT_PREFIX + c for c in captions]).double()
@@ -97,6 +98,7 @@ class ClipScorer:
 
 class TransformersClipScorer(ClipScorer):
     def __init__(self, folder: Path, device="cpu"):
+        # transformers takes seconds to import and only this back-end needs it
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         self.device = device
@@ -127,14 +129,10 @@ class OpenClipScorer(ClipScorer):
     """open_clip ViT-g/14 built without ``pretrained`` (which could download) and filled from the local file."""
 
     def __init__(self, path: Path, device="cpu"):
-        import open_clip
-        import torch
-        from PIL import Image
+        import open_clip  # optional dependency (open_clip_torch): only this back-end needs it
 
         model, _, preprocess = open_clip.create_model_and_transforms(OPEN_CLIP_ARCH, pretrained=None)
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -146,8 +144,6 @@ class OpenClipScorer(ClipScorer):
         self.comparable_with = PAPERS
 
     def embed_images(self, images):
-        import torch
-
         batch = torch.stack([self.preprocess(self._to_pil(im)) for im in images]).to(self.device)
         return self.model.encode_image(batch)
 

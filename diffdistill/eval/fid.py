@@ -21,14 +21,17 @@ on two CPU cores takes about 3 s where clean-fid's ``sqrtm`` path takes about 14
 import hashlib
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import linalg
 
 from diffdistill.eval import MissingWeightsError
+from diffdistill.eval.inception import load_torch_fidelity_inception
 
 CLEAN_RESIZE = 299
 
@@ -299,25 +302,17 @@ class InceptionFeatureExtractor:
 
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "InceptionFeatureExtractor":
-        import torch
-
         path = Path(path)
         if is_torchscript_archive(path):
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit.load is deprecated; the published file is TorchScript
                 module = torch.jit.load(str(path), map_location=device).eval()
             if not hasattr(module, "layers"):
                 raise ValueError(f"{path} is TorchScript but not clean-fid's Inception (it has no 'layers')")
             return cls(module.layers, "torchscript", path, device)
-        from diffdistill.eval.inception import load_torch_fidelity_inception
-
         return cls(load_torch_fidelity_inception(path).to(device), "torch-fidelity", path, device)
 
     def __call__(self, images) -> np.ndarray:
-        import torch
-
         with torch.inference_mode():
             x = images.to(self.device, torch.float32)
             features = self.network((x - 128) / 128).reshape(len(x), -1)

@@ -12,56 +12,22 @@ import os
 import sys
 from pathlib import Path
 
-from diffdistill.eval import MissingWeightsError
+import numpy as np
+import torch
 
-BENCHMARK_CHOICES = ("coco2014-30k", "coco2017-5k", "prompts")
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pipeline_dir", help="a diffusers pipeline folder (local, safetensors)")
-    parser.add_argument("--benchmark", choices=BENCHMARK_CHOICES, default="coco2014-30k",
-                        help="coco2014-30k: 30k COCO-2014 val captions (the papers' FID-30k); "
-                             "coco2017-5k: the 5k COCO-2017 val captions (FID-5k, cheaper); "
-                             "prompts: captions from --prompts, reference from --reference")
-    parser.add_argument("--coco", metavar="DIR", help="COCO root: DIR/annotations/captions_val20XX.json, DIR/val20XX/")
-    parser.add_argument("--prompts", metavar="FILE", help="one caption a line (e.g. DMD2's 30k COCO-2014 list)")
-    parser.add_argument("--reference", choices=("coco2014", "coco2017"), default="coco2014",
-                        help="reference images for --benchmark prompts (default coco2014)")
-    parser.add_argument("--num", type=int, help="number of captions (default: the benchmark's count)")
-    parser.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's)")
-    parser.add_argument("--guidance", type=float, help="guidance_scale (default: the pipeline's)")
-    parser.add_argument("--resolution", type=int, help="generated height and width in px (default: the pipeline's)")
-    parser.add_argument("--scheduler", metavar="CLASS",
-                        help="swap the pipeline's scheduler for this diffusers class built from the same config, "
-                             "e.g. DDIMScheduler for the teacher's 50-step ODE reference")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call and per Inception batch")
-    parser.add_argument("--seed", type=int, default=0, help="image i is drawn with seed SEED + i")
-    parser.add_argument("--caption-seed", type=int, default=0, help="seed of the COCO caption selection")
-    parser.add_argument("--out", metavar="DIR", help="where images go (default ./diffdistill-eval/NAME-BENCHMARK-N)")
-    parser.add_argument("--json", metavar="PATH", help="results file (default OUT/results.json)")
-    parser.add_argument("--inception", metavar="PATH",
-                        help="inception-2015-12-05.pt (clean-fid) or weights-inception-2015-12-05-6726825d.pth "
-                             "(torch-fidelity), or a folder holding one; default $DIFFDISTILL_INCEPTION")
-    parser.add_argument("--clip", metavar="PATH",
-                        help="open_clip ViT-g-14 laion2b_s12b_b42k weights, or a transformers CLIPModel folder; "
-                             "default $DIFFDISTILL_CLIP; without either the CLIP score is skipped")
-    parser.add_argument("--cache-dir", metavar="DIR",
-                        help="reference statistics cache (default ~/.cache/diffdistill/fid-stats)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="pipeline dtype (default float16 on cuda, float32 on cpu)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding workers")
-    parser.add_argument("--kid-subsets", type=int, default=100)
-    parser.add_argument("--kid-subset-size", type=int, default=1000)
-
-
-# ---------------------------------------------------------------- plan
+from diffdistill.eval import MissingWeightsError, clip_score, coco, generation, protocol, reference_stats
+from diffdistill.eval.arguments import add_eval_arguments
+from diffdistill.eval.fid import (
+    InceptionFeatureExtractor,
+    fid_label,
+    frechet_distance,
+    kernel_inception_distance,
+    resolve_inception_path,
+)
 
 
 def _captions_and_reference(args):
     """(benchmark title, nominal count, CaptionSet, reference split, annotations of the reference split)."""
-    from diffdistill.eval import coco
-
     if not args.coco:
         raise SystemExit("--coco DIR is required: the reference statistics come from the COCO validation images")
     if args.benchmark == "prompts":
@@ -79,8 +45,6 @@ def _captions_and_reference(args):
 
 def protocol_label(num: int, nominal: int | None, title: str) -> str:
     """'FID-30k, COCO-2014 val' with a warning whenever the count is not the benchmark's own."""
-    from diffdistill.eval.fid import fid_label
-
     label = f"{fid_label(num)}, {title}"
     if nominal is not None and num != nominal:
         label += f" ({num} of the protocol's {nominal}: not comparable with {fid_label(nominal)})"
@@ -93,8 +57,6 @@ def _default_cache_dir() -> Path:
 
 
 def _device_and_dtype(args):
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     return device, getattr(torch, dtype_name)
@@ -103,6 +65,7 @@ def _device_and_dtype(args):
 def load_pipeline(pipeline_dir: str, device: str, dtype, scheduler: str | None = None):
     """Any diffusers pipeline folder, local files and safetensors only; the safety checker is left out,
     as in the papers' evaluations (it blanks images, which would count against FID)."""
+    # diffusers takes seconds to import and only loading a pipeline needs it
     from diffusers import DiffusionPipeline
 
     if not Path(pipeline_dir, "model_index.json").is_file():
@@ -115,7 +78,7 @@ def load_pipeline(pipeline_dir: str, device: str, dtype, scheduler: str | None =
     )
     pipeline.set_progress_bar_config(disable=True)
     if scheduler:
-        import diffusers
+        import diffusers  # as above: deferred to the one call that needs it
 
         scheduler_class = getattr(diffusers, scheduler, None)
         if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
@@ -141,22 +104,22 @@ def _check_manifest(out_dir: Path, manifest: dict) -> None:
         json.dump(manifest, f, indent=2, sort_keys=True)
 
 
-def _speed(out_dir: Path, generation, batch_size: int, device: str) -> dict:
+def _speed(out_dir: Path, report, batch_size: int, device: str) -> dict:
     """This run's timings; when it generated nothing (a finished run re-scored), the last measured ones."""
     path = out_dir / "speed.json"
-    if generation.generated == 0:
+    if report.generated == 0:
         if path.is_file():
             with open(path) as f:
                 return {**json.load(f), "measured": "in an earlier run"}
         return {"images_per_second": None, "seconds_per_image": None, "nfe": None, "batch_size": batch_size,
                 "device": device, "timed_images": 0, "measured": "never"}
     speed = {
-        "images_per_second": generation.images_per_second,
-        "seconds_per_image": generation.seconds_per_image,
-        "nfe": generation.nfe,
+        "images_per_second": report.images_per_second,
+        "seconds_per_image": report.seconds_per_image,
+        "nfe": report.nfe,
         "batch_size": batch_size,
         "device": device,
-        "timed_images": generation.timed_images,
+        "timed_images": report.timed_images,
     }
     with open(path, "w") as f:
         json.dump(speed, f, indent=2)
@@ -214,16 +177,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run(args) -> int:
-    from diffdistill.eval import clip_score, coco
-    from diffdistill.eval.fid import InceptionFeatureExtractor, resolve_inception_path
-
     # 1. Everything that can be missing is looked up before any work.
     inception_path = resolve_inception_path(args.inception)
     clip_path = clip_score.resolve_clip_path(args.clip)
     if clip_path is not None:
         clip_score.check_clip_backend(clip_path)
     title, nominal, captions, split, annotations = _captions_and_reference(args)
-    coco.reference_image_paths(args.coco, split, annotations)  # missing COCO images fail now, not after generating
+    reference_stats.reference_image_paths(args.coco, split, annotations)  # missing COCO images fail now, not after generating
     num = len(captions.captions)
     if num < 2:
         raise SystemExit("FID and KID need at least 2 generated images")
@@ -232,7 +192,7 @@ def _run(args) -> int:
     extractor = InceptionFeatureExtractor.load(inception_path, device)
     pipeline = load_pipeline(args.pipeline_dir, device, dtype, args.scheduler)
     try:
-        call_kwargs = coco.pipeline_call_kwargs(pipeline, args.steps, args.guidance, args.resolution)
+        call_kwargs = generation.pipeline_call_kwargs(pipeline, args.steps, args.guidance, args.resolution)
     except ValueError as error:
         raise SystemExit(str(error)) from error
     scheduler = type(pipeline.scheduler).__name__
@@ -248,7 +208,7 @@ def _run(args) -> int:
     (out_dir / "captions.txt").write_text("\n".join(captions.captions) + "\n", encoding="utf-8")
 
     # 2. Reference statistics: cached per protocol, split, image list and extractor weights.
-    reference = coco.reference_statistics(
+    reference = reference_stats.reference_statistics(
         args.coco, split, annotations, extractor, args.cache_dir or _default_cache_dir(),
         batch_size=args.batch_size, workers=args.workers,
     )
@@ -256,11 +216,11 @@ def _run(args) -> int:
           f"({'cached' if reference.from_cache else 'computed'}: {reference.stats_path})", file=sys.stderr)
 
     # 3. Generation, resuming from the images already on disk.
-    generation = coco.generate_images(
+    generation_report = generation.generate_images(
         pipeline, captions.captions, out_dir / "images", batch_size=args.batch_size, seed=args.seed,
         call_kwargs=call_kwargs,
     )
-    speed = _speed(out_dir, generation, args.batch_size, device)
+    speed = _speed(out_dir, generation_report, args.batch_size, device)
     del pipeline  # free the accelerator for the feature networks
     _empty_cuda_cache(device)
 
@@ -282,8 +242,8 @@ def _run(args) -> int:
         "generation": {
             "pipeline": str(args.pipeline_dir),
             "images_dir": str(out_dir / "images"),
-            "found_on_disk": generation.found_on_disk,
-            "generated_this_run": generation.generated,
+            "found_on_disk": generation_report.found_on_disk,
+            "generated_this_run": generation_report.generated,
             "seed": args.seed,
             "call": call_kwargs,
             "scheduler": scheduler,
@@ -297,18 +257,11 @@ def _run(args) -> int:
 
 def _empty_cuda_cache(device: str) -> None:
     if device.startswith("cuda"):
-        import torch
-
         torch.cuda.empty_cache()
 
 
 def _score_generated(args, out_dir: Path, captions: list[str], extractor, reference, clip_path, device) -> dict:
     """FID, KID and CLIP score of ``out_dir/images`` in one streaming pass over the files."""
-    import numpy as np
-
-    from diffdistill.eval import clip_score, coco
-    from diffdistill.eval.fid import fid_label, frechet_distance, kernel_inception_distance
-
     scorer = clip_score.load_clip_scorer(clip_path, device) if clip_path is not None else None
     clip_mean = clip_score.RunningMean()
 
@@ -317,8 +270,8 @@ def _score_generated(args, out_dir: Path, captions: list[str], extractor, refere
             clip_mean.update(scorer.similarities(list(images), captions[start : start + len(images)]))
 
     features_path = out_dir / "inception_features.npy"
-    paths = [coco.image_path(out_dir / "images", i) for i in range(len(captions))]
-    stats = coco.extract_features(
+    paths = [generation.image_path(out_dir / "images", i) for i in range(len(captions))]
+    stats = protocol.extract_features(
         paths, extractor, batch_size=args.batch_size, workers=args.workers, features_path=features_path,
         on_batch=score_clip, desc="generated images",
     )

@@ -17,7 +17,10 @@ import os
 import shutil
 from pathlib import Path
 
-from diffdistill.export.student import ExportError, Student, load_student
+from diffdistill.export.diffusers_folder import write_diffusers
+from diffdistill.export.lora import write_lora
+from diffdistill.export.single_file import load_single_file, write_single_file
+from diffdistill.export.student import ExportError, Student, inference_timesteps, load_student
 
 FORMATS = ("diffusers", "single-file", "lora")
 
@@ -68,24 +71,16 @@ def staged(out: Path):
 def export_student(student: Student, out, fmt: str = "diffusers", steps: int | None = None, overwrite: bool = False,
                    rank: int = 64) -> dict:
     """Writes ``student`` to ``out`` in ``fmt``; returns what was written and checked."""
-    from diffdistill.export.student import inference_timesteps
-
     out = Path(out)
     check_destination(student.run_dir, out, fmt, overwrite)
     steps = len(student.timesteps) if steps is None else steps
     inference_timesteps(student.timesteps, steps)  # validates steps
     with staged(out) as tmp:
         if fmt == "diffusers":
-            from diffdistill.export.diffusers_folder import write_diffusers
-
             info = write_diffusers(student, tmp, steps, str(out))
         elif fmt == "single-file":
-            from diffdistill.export.single_file import write_single_file
-
             info = write_single_file(student, tmp, steps)
         else:
-            from diffdistill.export.lora import write_lora
-
             info = write_lora(student, tmp, steps, rank, str(out))
     return {**info, "out": str(out), "checkpoint": str(student.checkpoint), "ema": student.ema}
 
@@ -96,12 +91,6 @@ def export_run(run_dir, out, fmt: str = "diffusers", steps: int | None = None, e
     check_destination(Path(run_dir), Path(out), fmt, overwrite)  # fail before loading anything
     student = load_student(run_dir, ema=ema, teacher=teacher)
     return export_student(student, out, fmt, steps, overwrite, rank)
-
-
-def load_single_file(path, teacher_config: str | None = None):
-    from diffdistill.export.single_file import load_single_file as load
-
-    return load(path, teacher_config)
 
 
 __all__ = ["FORMATS", "ExportError", "Student", "export_run", "export_student", "load_student", "load_single_file"]

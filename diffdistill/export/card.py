@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from diffdistill.config import to_dict
+
 
 def _metrics(run_dir: Path) -> tuple[dict | None, list[tuple[str, dict]]]:
     """The last logged training metrics, and numbers from any evaluation ``results.json`` in the run."""
@@ -73,6 +75,4 @@ def model_card(student, fmt: str, usage: str, notes: list[str] = (), extra: dict
 
 
 def _plain(cfg) -> dict:
-    from diffdistill.config import to_dict
-
     return to_dict(cfg)

@@ -28,9 +28,17 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import LCMScheduler
 
+from diffdistill.conditioning import encode_prompts
 from diffdistill.export.card import model_card
-from diffdistill.export.student import ExportError, Student, inference_timesteps, reference_sample
+from diffdistill.export.student import (
+    ExportError,
+    Student,
+    inference_timesteps,
+    reference_sample,
+)
+from diffdistill.sampling import decode_latents
 
 TIMESTEP_SCALING = 1e6     # makes LCM's c_skip ~ 1e-19 and c_out == 1 in float32 (see module docstring)
 GUIDANCE_EMBED_DIM = 256   # LCM's time_cond_proj_dim (LCM-SD1.5, LCM-SDXL)
@@ -50,8 +58,6 @@ def lcm_scheduler(student: Student):
 
     Returns ``(scheduler, custom)``; ``custom`` is True where the student's timesteps are not
     LCM's linear schedule, so a user must pass ``timesteps=[...]`` to the pipeline."""
-    from diffusers import LCMScheduler
-
     teacher = student.teacher
     if teacher.schedule.kind != "vp":
         raise ExportError("the diffusers format supports VP (DDPM-style) teachers; this flow-matching student has no stock "
@@ -137,8 +143,6 @@ def run_pipeline(pipe, prompts: list, steps: int, seed: int, timesteps: list | N
     timesteps LCM's schedule cannot express. The test's child process mirrors this call."""
     step_args = {"timesteps": timesteps} if timesteps else {"num_inference_steps": steps}
     if type(pipe).__name__ == "DiTPipeline":
-        from diffdistill.conditioning import encode_prompts
-
         labels = encode_prompts(pipe, prompts)["class_labels"].tolist()
         # DiTPipeline passes no generator to scheduler.step: re-noising draws from the global
         # generator, so seed that one and hand it in for the initial latents too.
@@ -152,8 +156,6 @@ def run_pipeline(pipe, prompts: list, steps: int, seed: int, timesteps: list | N
 
 def reference_output(student: Student, kind: str, prompts: list, steps: int, seed: int) -> torch.Tensor:
     """diffdistill's own sampler for the same call, as latents or decoded like the pipeline decodes."""
-    from diffdistill.sampling import decode_latents
-
     dit = type(student.teacher.pipe).__name__ == "DiTPipeline"
     with torch.random.fork_rng(devices=[]) if dit else contextlib.nullcontext():
         generator = torch.manual_seed(seed) if dit else torch.Generator(next(student.backbone.parameters()).device).manual_seed(seed)

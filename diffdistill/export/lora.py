@@ -21,9 +21,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from diffdistill.conditioning import encode_prompts
 from diffdistill.export.card import model_card
-from diffdistill.export.student import ExportError, Student
+from diffdistill.export.diffusers_folder import lcm_scheduler
+from diffdistill.export.student import ExportError, Student, inference_timesteps
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for
 PROBE_PROMPT = "a photograph of a cat"
@@ -116,8 +119,6 @@ def merged(teacher_backbone, factors: dict):
 @torch.no_grad()
 def probe(student: Student, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The fixed input outputs are compared on: seeded noise at the student's first timestep."""
-    from diffdistill.conditioning import encode_prompts
-
     teacher = student.teacher
     x = torch.randn((1, *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
     prompt = "7" if type(teacher.pipe).__name__ == "DiTPipeline" else PROBE_PROMPT
@@ -160,8 +161,6 @@ def check_loadable(student: Student) -> None:
 
 def write_lora(student: Student, out: Path, steps: int, rank: int, name: str | None = None) -> dict:
     """Writes the adapter file, the student's scheduler (for its sampler), a report and a card."""
-    from safetensors.torch import save_file
-
     check_loadable(student)
     if rank < 1:
         raise ExportError(f"--rank {rank}: the LoRA rank must be at least 1")
@@ -185,8 +184,6 @@ def write_lora(student: Student, out: Path, steps: int, rank: int, name: str | N
 
 def _write_scheduler(student: Student, out: Path) -> bool | None:
     """The student's LCMScheduler beside the adapters (VP teachers); None where there is none."""
-    from diffdistill.export.diffusers_folder import lcm_scheduler
-
     try:
         scheduler, custom = lcm_scheduler(student)
     except ExportError:
@@ -196,8 +193,6 @@ def _write_scheduler(student: Student, out: Path) -> bool | None:
 
 
 def _usage(student: Student, out: str, steps: int, custom: bool | None) -> str:
-    from diffdistill.export.student import inference_timesteps
-
     teacher = student.config.teacher
     tiny = teacher.startswith("tiny:")
     where = f"  # `diffdistill tiny-sd DIR --arch {teacher[5:]}` writes this teacher" if tiny else "  # the teacher"

@@ -12,7 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from diffdistill.backbones.loading import load_teacher
+from diffdistill.export.diffusers_folder import student_pipeline
 from diffdistill.export.student import ExportError, Student, load_into_backbone
+from diffdistill.teachers import resolve_teacher
 
 METADATA_KEY = "diffdistill"
 FORMAT = "diffdistill-student/1"
@@ -46,8 +52,6 @@ def student_metadata(student: Student, steps: int) -> dict:
 
 
 def write_single_file(student: Student, out: Path, steps: int) -> dict:
-    from safetensors.torch import save_file
-
     meta = student_metadata(student, steps)
     tensors = {k: v.detach().contiguous().cpu() for k, v in student.backbone.state_dict().items()}
     save_file(tensors, str(out), metadata={METADATA_KEY: json.dumps(meta), "format": "pt"})
@@ -55,8 +59,6 @@ def write_single_file(student: Student, out: Path, steps: int) -> dict:
 
 
 def read_metadata(path) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(METADATA_KEY)
     if raw is None:
@@ -80,11 +82,6 @@ def _check_config(meta: dict, class_name: str, config: dict, source: str) -> Non
 def load_student_file(path, teacher_config: str | None = None) -> Student:
     """The student in ``path`` inside its teacher's pipeline. ``teacher_config`` overrides the teacher
     recorded in the file (a local pipeline folder of the same architecture)."""
-    from safetensors.torch import load_file
-
-    from diffdistill.backbones.loading import load_teacher
-    from diffdistill.teachers import resolve_teacher
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"single-file student {str(path)!r} does not exist")
@@ -107,6 +104,4 @@ def load_student_file(path, teacher_config: str | None = None) -> Student:
 
 def load_single_file(path, teacher_config: str | None = None):
     """A diffusers pipeline sampling the student in ``path`` (as the diffusers export would write it)."""
-    from diffdistill.export.diffusers_folder import student_pipeline
-
     return student_pipeline(load_student_file(path, teacher_config))

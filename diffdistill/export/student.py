@@ -13,9 +13,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from diffdistill.backbones.loading import CheckpointError, Teacher
+from diffdistill.conditioning import encode_prompts
+from diffdistill.config import TrainConfig, from_dict
+from diffdistill.engine.checkpoint import latest_checkpoint
+from diffdistill.generator import check_timesteps, sample_student
+from diffdistill.methods.base import method_options
+from diffdistill.teachers import resolve_teacher
 
 
 class ExportError(CheckpointError):
@@ -46,9 +54,6 @@ def student_timesteps(method_spec: dict, schedule) -> list[int]:
     """The student's own timesteps from its method options: ``timesteps`` (DMD2, SiD), ``t_init``
     (DMD, KD), else one step from the schedule's end. Methods that train no few-step student
     (``sft`` fine-tunes the teacher itself) are refused."""
-    from diffdistill.generator import check_timesteps
-    from diffdistill.methods.base import method_options
-
     name, options = method_options(method_spec)
     listed = getattr(options, "timesteps", None)
     if isinstance(listed, list) and listed:
@@ -66,15 +71,11 @@ def student_timesteps(method_spec: dict, schedule) -> list[int]:
 
 def student_input_scale(method_spec: dict, schedule, timesteps: list) -> float:
     """SiD (``scale_input``) feeds sigma_{t_0} z to the first step, as SiD-LSG's x_init; others feed z."""
-    from diffdistill.methods.base import method_options
-
     _, options = method_options(method_spec)
     return float(schedule.sigma(torch.tensor([float(timesteps[0])]))) if getattr(options, "scale_input", False) else 1.0
 
 
 def _checkpoint(run_dir: Path) -> tuple[Path, dict]:
-    from diffdistill.engine.checkpoint import latest_checkpoint
-
     if not run_dir.is_dir():
         raise ExportError(f"run folder {str(run_dir)!r} does not exist; give the out= folder of a `diffdistill train` run")
     if not (run_dir / "config.yaml").is_file() and not (run_dir / "checkpoints").is_dir():
@@ -103,8 +104,6 @@ def _weights_file(path: Path, ema: bool | None) -> tuple[Path, bool]:
 
 
 def _resolve_teacher(cfg, teacher: str | None) -> Teacher:
-    from diffdistill.teachers import resolve_teacher
-
     spec = teacher or cfg.teacher
     try:
         return resolve_teacher(spec, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
@@ -159,10 +158,6 @@ def load_into_backbone(teacher: Teacher, state: dict, source: str) -> tuple[torc
 def load_student(run_dir, *, ema: bool | None = None, teacher: str | None = None) -> Student:
     """The latest finished checkpoint of ``run_dir`` as a :class:`Student` (EMA weights if the run
     kept them, unless ``ema=False``). ``teacher`` overrides the recipe's teacher path (if it moved)."""
-    from safetensors.torch import load_file
-
-    from diffdistill.config import TrainConfig, from_dict
-
     run_dir = Path(run_dir)
     path, state = _checkpoint(run_dir)
     cfg = from_dict(TrainConfig, state["config"])
@@ -180,8 +175,6 @@ def load_student(run_dir, *, ema: bool | None = None, teacher: str | None = None
 def inference_timesteps(timesteps: list, steps: int) -> list:
     """The timesteps a K-step sample uses: K evenly spaced indices into the training timesteps,
     chosen as diffusers' LCMScheduler chooses them (so the exported pipeline agrees)."""
-    import numpy as np
-
     if not 1 <= steps <= len(timesteps):
         raise ExportError(f"--steps {steps}: the student was trained on {len(timesteps)} timestep(s) {list(timesteps)}; choose 1..{len(timesteps)}")
     index = np.floor(np.linspace(0, len(timesteps), num=steps, endpoint=False)).astype(int)
@@ -192,9 +185,6 @@ def inference_timesteps(timesteps: list, steps: int) -> list:
 def reference_sample(student: Student, prompts: list, steps: int, generator: torch.Generator) -> torch.Tensor:
     """diffdistill's own K-step sample (x0 latents), drawing from ``generator`` exactly as the
     exported pipeline does: the initial latents first, then one draw per re-noising."""
-    from diffdistill.conditioning import encode_prompts
-    from diffdistill.methods.dmd import sample_student
-
     device = next(student.backbone.parameters()).device
     cond = encode_prompts(student.teacher.pipe, prompts, device)
     noise = torch.randn((len(prompts), *student.teacher.latent_shape), generator=generator, device=generator.device).to(device)

@@ -29,8 +29,11 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
-from .flash_attention import _upcast_half, attention_reference, flash_attention, triton_available
+from .flash_attention import flash_attention
+from .launch import triton_available
+from .reference import _upcast_half, attention_reference
 
 __all__ = ["FlashAttnProcessor", "FlashJointAttnProcessor", "use_fused_attention", "xformers_available"]
 
@@ -61,8 +64,6 @@ def forward_ad_active():
 
     Both enter an autograd dual level; functorch transforms also set a level.
     """
-    from torch.autograd import forward_ad
-
     if getattr(forward_ad, "_current_level", -1) >= 0:
         return True
     return torch._C._functorch.maybe_current_level() is not None
@@ -260,6 +261,7 @@ def use_fused_attention(model, backend="auto"):
     ``"torch"``, or ``"xformers"`` (plain calls through xformers, where
     installed).  Returns the number of processors installed.
     """
+    # diffusers takes seconds to import and only this function needs it: the kernels import without it
     from diffusers.models.attention_processor import Attention
 
     if backend not in BACKENDS:

@@ -19,10 +19,9 @@ each optimizer step to move it, and checkpoints it with the run (``ema_targets``
 
 Guidance: LCM samples omega ~ U[5, 15] in its ``c + omega (c - u)`` form, which is our
 ``u + w (c - u)`` with w = omega + 1, so our default range is [6, 16]. The student sees omega = w - 1
-through LCM's sinusoidal embedding (``time_cond_proj_dim`` = 256), exactly what
-``LatentConsistencyModelPipeline`` embeds for ``guidance_scale = w``. A UNet student is built from the
-teacher's config with that key set, so diffusers creates ``time_embedding.cond_proj``, which starts at
-zero: at step 0 the student is the teacher. Backbones without such an input take one fixed w.
+through LCM's sinusoidal embedding, an input a UNet student gets at zero so that it starts as the
+teacher (:mod:`diffdistill.methods.lcm_student`). Backbones without such an input take one fixed w.
+The teacher's ODE step Phi: :mod:`diffdistill.methods.teacher_ode`.
 
 Sampling (LCMScheduler): ``steps`` timesteps evenly taken from the reversed grid (4 steps: 999, 759,
 499, 259), each step f(x_t, t) re-noised with fresh noise to the next.
@@ -34,110 +33,19 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from diffdistill.engine.ema import lerp_parameters
-from diffdistill.generator import check_timesteps, student_denoiser
+from diffdistill.ema import lerp_parameters
+from diffdistill.generator import check_timesteps, sample_student
 from diffdistill.methods.base import register_method
-from diffdistill.methods.dmd import sample_student
-from diffdistill.param import append_dims
+from diffdistill.methods.lcm_student import ConsistencyFunction, consistency_output, guidance_student, with_guidance
+from diffdistill.methods.teacher_ode import teacher_ode_step
 from diffdistill.schedules import add_noise
 from diffdistill.scores import ScoreEngine
 
-SOLVERS = ("ddim", "euler", "heun")
 DISTANCES = ("huber", "l2")
 
 
-# ---- the consistency function ------------------------------------------------------------------
-
-
-def boundary_coefficients(schedule, t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
-    """LCM's (c_skip, c_out) at t (float64): c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x."""
-    scaled = schedule.model_timestep(t.to(torch.float64)) * timestep_scaling
-    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
-    return c_skip, c_out
-
-
-def guidance_embedding(omega: torch.Tensor, dim: int) -> torch.Tensor:
-    """LCM's sinusoidal embedding of omega = w - 1 (scaled by 1000; sin half, then cos half)."""
-    half = dim // 2
-    rate = torch.log(torch.tensor(10000.0)) / (half - 1)  # float32 in this order, so the bits match the pipeline's
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -rate).to(omega.device)
-    angles = (omega.float() * 1000.0)[:, None] * freqs[None]
-    emb = torch.cat([angles.sin(), angles.cos()], 1)
-    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-class ConsistencyFunction(nn.Module):
-    """f(x, t) = c_skip(t) x + c_out(t) D(x, t, cond + w embedding): what the sampler calls."""
-
-    def __init__(self, denoiser, embedding_dim: int, guidance, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
-        super().__init__()
-        self.denoiser, self.embedding_dim, self.guidance = denoiser, embedding_dim, guidance
-        self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
-
-    def forward(self, x, t, cond):
-        return consistency_output(self.denoiser, x, t, with_guidance(cond, self.guidance, self.embedding_dim, x.shape[0], x.device),
-                                  self.sigma_data, self.timestep_scaling)
-
-
-def with_guidance(cond: dict, w, embedding_dim: int, n: int, device) -> dict:
-    """``cond`` plus the student's guidance input ``timestep_cond`` (UNet ``time_cond_proj_dim``)."""
-    if embedding_dim <= 0:
-        return cond
-    w = w if torch.is_tensor(w) else torch.full((n,), float(w))
-    return {**cond, "timestep_cond": guidance_embedding(w.to(device) - 1, embedding_dim)}
-
-
-def consistency_output(denoiser, x, t, cond, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
-    """f = c_skip(t) x + c_out(t) D(x, t): the consistency function of a denoiser."""
-    c_skip, c_out = (append_dims(c, x.ndim).to(x.device, torch.float32) for c in boundary_coefficients(denoiser.schedule, t, sigma_data, timestep_scaling))
-    return c_skip * x + c_out * denoiser(x, t, cond)
-
-
-# ---- the teacher's ODE step --------------------------------------------------------------------
-
-
-def _coefficients(schedule, t, ndim):
-    return append_dims(schedule.alpha(t), ndim), append_dims(schedule.sigma(t), ndim)
-
-
-def _rates(schedule, t, ndim):
-    """(d alpha/dt, d sigma/dt) by a central difference, one-sided at the ends of the range."""
-    h = 5e-4 * (schedule.t_max - schedule.t_min)
-    lo, hi = (t - h).clamp(min=schedule.t_min), (t + h).clamp(max=schedule.t_max)
-    span = append_dims((hi - lo).float(), ndim)
-    (a_lo, s_lo), (a_hi, s_hi) = _coefficients(schedule, lo, ndim), _coefficients(schedule, hi, ndim)
-    return (a_hi - a_lo) / span, (s_hi - s_lo) / span
-
-
-def teacher_ode_step(engine: ScoreEngine, x, t, t_next, cond, uncond, w, solver: str = "ddim"):
-    """One step of the teacher's probability-flow ODE from t to t_next, with guided D_teacher^w.
-
-    * ``ddim``: x' = alpha' D + sigma' eps_hat (Song et al. 2021, Eq. 12 with eta = 0; Euler's method in
-      Karras et al.'s variables x/alpha, sigma/alpha);
-    * ``euler``: Euler's method in the schedule's own time, dx/dt = alpha_dot D + sigma_dot eps_hat;
-    * ``heun``: Karras et al. (2022) Alg. 1's second-order correction in x/alpha, sigma/alpha
-      (DDIM where sigma' = 0 or alpha = 0, as at a flow schedule's t = 1).
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r}: choose one of {', '.join(SOLVERS)}")
-    schedule = engine.teacher_denoiser.schedule
-    alpha, sigma = _coefficients(schedule, t, x.ndim)
-    alpha_next, sigma_next = _coefficients(schedule, t_next, x.ndim)
-    x0 = engine.real(x, t, cond, uncond, w)
-    eps = (x - alpha * x0) / sigma
-    if solver == "euler":
-        alpha_dot, sigma_dot = _rates(schedule, t, x.ndim)
-        return x + append_dims((t_next - t).float(), x.ndim) * (alpha_dot * x0 + sigma_dot * eps)
-    x_ddim = alpha_next * x0 + sigma_next * eps
-    if solver == "ddim":
-        return x_ddim
-    eps_next = (x_ddim - alpha_next * engine.real(x_ddim, t_next, cond, uncond, w)) / sigma_next.clamp_min(1e-12)
-    ds = sigma_next / alpha_next - sigma / alpha
-    heun = alpha_next * (x / alpha + ds * (eps + eps_next) / 2)
-    return torch.where((sigma_next > 0) & (alpha > 0), heun, x_ddim)  # x/alpha is undefined at flow's t = 1
+# ---- the loss ----------------------------------------------------------------------------------
 
 
 def consistency_distance(f: torch.Tensor, target: torch.Tensor, distance: str = "huber", huber_c: float = 1e-3) -> torch.Tensor:
@@ -148,6 +56,9 @@ def consistency_distance(f: torch.Tensor, target: torch.Tensor, distance: str = 
     if distance == "l2":
         return delta.square().flatten(1).mean(1)
     raise ValueError(f"distance={distance!r}: choose one of {', '.join(DISTANCES)}")
+
+
+# ---- LCM's time grid ---------------------------------------------------------------------------
 
 
 def skip_grid(schedule, num_points: int) -> tuple[torch.Tensor, float]:
@@ -254,30 +165,6 @@ class ConsistencyDistillation:
         w = guidance if self.options.guidance_embedding_dim > 0 else self.w_range[0]
         f = ConsistencyFunction(student, self.options.guidance_embedding_dim, w, self.options.sigma_data, self.options.timestep_scaling)
         return sample_student(f, self.schedule, timesteps, noise, cond, generator)
-
-
-def guidance_student(teacher, embedding_dim: int):
-    """The student: a copy of the teacher, with LCM's guidance input ``time_cond_proj_dim`` where asked.
-
-    diffusers' UNet creates ``time_embedding.cond_proj`` (Linear(dim -> C, no bias)) when its config
-    sets ``time_cond_proj_dim``; we build the student from the teacher's config with that key, load the
-    teacher's weights (only cond_proj missing) and zero cond_proj, so the student starts as the teacher.
-    """
-    if embedding_dim <= 0:
-        return student_denoiser(teacher)
-    backbone = teacher.backbone
-    if getattr(getattr(backbone, "config", None), "time_cond_proj_dim", None) == embedding_dim:
-        return student_denoiser(teacher)  # already an LCM-style backbone
-    if teacher.kind != "unet":
-        raise ValueError(f"a {type(backbone).__name__} backbone has no guidance-embedding input (time_cond_proj_dim, UNet only); "
-                         "set method.guidance_embedding_dim=0 and one method.guidance value")
-    # a keyword, not an edited dict: from_config re-applies defaults listed in the config's _use_default_values
-    student = type(backbone).from_config(backbone.config, time_cond_proj_dim=embedding_dim)
-    missing, unexpected = student.load_state_dict(backbone.state_dict(), strict=False)
-    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
-        raise ValueError(f"could not copy the teacher into an LCM student: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    return teacher.denoiser(student.float().requires_grad_(True).train())
 
 
 @register_method("cd", CDOptions)

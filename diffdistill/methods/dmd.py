@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from diffdistill.conditioning import encode_prompts
-from diffdistill.engine.random import BatchRandom, derive_seed
-from diffdistill.generator import TorchRandom, backward_simulation, check_timesteps, generate, student_denoiser
+from diffdistill.randomness import derive_seed
+from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
 from diffdistill.methods.base import register_method
 from diffdistill.sampling import ddim_sample
 from diffdistill.schedules import UniformTimesteps, add_noise
@@ -163,17 +163,6 @@ class DMD:
 
     def sample(self, noise, cond, uncond, steps, guidance, generator=None):
         return sample_student(self.nets["generator"], self.schedule, self.timesteps, noise, cond, generator)
-
-
-@torch.no_grad()
-def sample_student(generator, schedule, timesteps, noise, cond, torch_generator=None):
-    """What a user gets: the student's own few-step sampler (guidance is baked in by training).
-
-    Re-noising draws from ``torch_generator`` itself, in the exported pipeline's order (see
-    :class:`~diffdistill.generator.TorchRandom`), so both give the same sample for the same seed."""
-    generator = getattr(generator, "module", generator)
-    rng = TorchRandom(torch_generator) if torch_generator is not None else BatchRandom(0, device=noise.device)
-    return generate(generator, schedule, timesteps, noise, cond, rng)
 
 
 @register_method("dmd", DMDOptions)

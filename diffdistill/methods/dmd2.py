@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from diffdistill.conditioning import encode_prompts
-from diffdistill.generator import backward_simulation, check_timesteps, student_denoiser
+from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
 from diffdistill.methods.adversarial import discriminator_loss, generator_gan_loss, noised, require_real_images
 from diffdistill.methods.base import register_method
-from diffdistill.methods.dmd import default_range, distribution_matching_grad, sample_student, surrogate_loss
+from diffdistill.methods.dmd import default_range, distribution_matching_grad, surrogate_loss
 from diffdistill.scores import ScoreEngine, build_gan_head, critic_phase_loss, make_critic
 
 

@@ -29,11 +29,11 @@ from typing import Callable
 
 import torch
 
-from diffdistill.generator import backward_simulation, check_timesteps
+from diffdistill.generator import backward_simulation, check_timesteps, sample_student
 from diffdistill.guidance import guidance_from_options
 from diffdistill.methods.adversarial import discriminator_loss, drop_nonfinite, make_gan_head, noised, require_real_images
 from diffdistill.methods.base import register_method
-from diffdistill.methods.dmd import default_range, sample_student
+from diffdistill.methods.dmd import default_range
 from diffdistill.schedules import add_noise
 from diffdistill.scores import ScoreEngine, critic_phase_loss, make_critic
 

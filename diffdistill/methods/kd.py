@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffdistill.generator import check_timesteps, student_denoiser
+from diffdistill.generator import check_timesteps, sample_student, student_denoiser
 from diffdistill.methods.base import register_method
-from diffdistill.methods.dmd import make_regression_pairs, regression_loss, sample_student
+from diffdistill.methods.dmd import make_regression_pairs, regression_loss
 
 
 @dataclass

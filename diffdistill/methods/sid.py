@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffdistill.generator import check_timesteps, generate
+from diffdistill.generator import check_timesteps, generate, sample_student
 from diffdistill.guidance import guidance_from_options
 from diffdistill.methods.adversarial import (discriminator_loss, drop_nonfinite, generator_gan_loss, make_gan_head, noised,
                                              require_real_images)
 from diffdistill.methods.base import register_method
-from diffdistill.methods.dmd import default_range, sample_student
+from diffdistill.methods.dmd import default_range
 from diffdistill.schedules import add_noise
 from diffdistill.scores import ScoreEngine, critic_phase_loss, make_critic
 

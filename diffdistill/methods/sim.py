@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffdistill.generator import backward_simulation, check_timesteps
+from diffdistill.generator import backward_simulation, check_timesteps, sample_student
 from diffdistill.guidance import guidance_from_options
 from diffdistill.methods.adversarial import drop_nonfinite
 from diffdistill.methods.base import register_method
-from diffdistill.methods.dmd import default_range, sample_student
+from diffdistill.methods.dmd import default_range
 from diffdistill.schedules import add_noise
 from diffdistill.scores import ScoreEngine, critic_phase_loss, make_critic
 

@@ -31,13 +31,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from diffdistill.backbones.tiny import TEXT_DIM, tiny_text_encoder, tiny_tokenizer
+from diffdistill.config import load_recipe
+from diffdistill.data.digits import load_digits_images
+from diffdistill.engine.checkpoint import latest_checkpoint
+from diffdistill.export import staged
+from diffdistill.run import train
+from diffdistill.zoo import ZOO_RECIPES
 
 RESOLUTION = 32
 
 
 def digits_vae(seed: int):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION,
@@ -47,8 +61,6 @@ def digits_vae(seed: int):
 
 
 def digits_unet(seed: int, cross_attention_dim: int):
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -59,10 +71,6 @@ def digits_unet(seed: int, cross_attention_dim: int):
 
 def digits_pipeline(seed: int = 0):
     """The untrained pipeline: every part built from its config and seeded."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from diffdistill.backbones.tiny import TEXT_DIM, tiny_text_encoder, tiny_tokenizer
-
     tokenizer = tiny_tokenizer()
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -89,8 +97,6 @@ def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: f
 def train_vae(vae, images: torch.Tensor, steps: int, seed: int, batch_size: int = 64, lr: float = 1e-3,
               kl_weight: float = 1e-4, progress: bool = True) -> dict:
     """Trains the autoencoder in place and sets its ``scaling_factor`` to 1 / std of the latent means."""
-    from tqdm.auto import tqdm
-
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
@@ -111,10 +117,6 @@ def train_vae(vae, images: torch.Tensor, steps: int, seed: int, batch_size: int 
 
 def load_trained_weights(run_dir: Path, pipe) -> None:
     """Copies a finished sft run into ``pipe``: the UNet's EMA (else raw) weights and, if it was trained, the text encoder."""
-    from safetensors.torch import load_file
-
-    from diffdistill.engine.checkpoint import latest_checkpoint
-
     checkpoint = latest_checkpoint(run_dir)
     path = checkpoint / "ema-generator.safetensors"
     if not path.is_file():
@@ -132,20 +134,12 @@ def train_digits_teacher(out, seed: int = 0, vae_steps: int = 600, unet_steps: i
     training report (also saved as ``out/zoo.json``). ``vae_from``: a digits pipeline folder whose
     trained VAE is reused (stage 1 skipped).
     """
-    from diffdistill.config import load_recipe
-    from diffdistill.data.digits import load_digits_images
-    from diffdistill.engine.trainer import train
-    from diffdistill.export import staged
-    from diffdistill.zoo import ZOO_RECIPES
-
     out = Path(out)
     report: dict = {"seed": seed}
     tic = time.perf_counter()
     pipe = digits_pipeline(seed)
     images, _ = load_digits_images(RESOLUTION)
     if vae_from is not None:
-        from diffusers import AutoencoderKL
-
         pipe.vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae")
         report["vae_from"] = str(vae_from)
     else:

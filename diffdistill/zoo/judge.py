@@ -22,8 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
+from diffdistill.data.digits import load_digits_images
+from diffdistill.eval.fid import frechet_distance
 from diffdistill.zoo import ZOO_ROOT
 
 JUDGE_FILE = ZOO_ROOT / "digits_judge.safetensors"
@@ -72,10 +77,6 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: in
 
 
 def train_judge(seed: int = 0, epochs: int = 30, batch_size: int = 64, lr: float = 2e-3, progress: bool = True) -> tuple[DigitJudge, dict]:
-    from tqdm.auto import tqdm
-
-    from diffdistill.data.digits import load_digits_images
-
     images, labels = load_digits_images(RESOLUTION)
     train_idx, test_idx = split_indices(len(images), seed)
     torch.manual_seed(seed)
@@ -99,8 +100,6 @@ def train_judge(seed: int = 0, epochs: int = 30, batch_size: int = 64, lr: float
 
 
 def save_judge(judge: DigitJudge, report: dict, path=JUDGE_FILE) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -110,9 +109,6 @@ def save_judge(judge: DigitJudge, report: dict, path=JUDGE_FILE) -> Path:
 
 
 def load_judge(path=JUDGE_FILE) -> DigitJudge:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"the digits judge {str(path)!r} is not there; `diffdistill zoo train-digits` trains it")
@@ -145,8 +141,6 @@ def reference_statistics(judge: DigitJudge) -> tuple[np.ndarray, np.ndarray]:
     """The real digits' feature mean and covariance (all 1,797 images), cached per judge."""
     key = id(judge)
     if key not in _REFERENCE:
-        from diffdistill.data.digits import load_digits_images
-
         images, _ = load_digits_images(RESOLUTION)
         _REFERENCE.clear()
         _REFERENCE[key] = feature_statistics(judge_outputs(judge, images)[0])
@@ -155,8 +149,6 @@ def reference_statistics(judge: DigitJudge) -> tuple[np.ndarray, np.ndarray]:
 
 def features_fid(judge: DigitJudge, features: np.ndarray, reference=None) -> float:
     """Frechet distance between judge features and the reference statistics (default: the real digits)."""
-    from diffdistill.eval.fid import frechet_distance
-
     return frechet_distance(*feature_statistics(features), *(reference if reference is not None else reference_statistics(judge)))
 
 

@@ -20,15 +20,21 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
+from PIL import Image, ImageDraw
 
+from diffdistill.config import load_recipe
 from diffdistill.data.digits import digit_prompt
+from diffdistill.engine.logging import save_grid
+from diffdistill.export import export_run
+from diffdistill.run import train
+from diffdistill.zoo import ZOO_RECIPES, digits_methods, zoo_path
+from diffdistill.zoo.judge import judge_samples, load_judge
 
 TEACHER_STEPS = 25
 
 
 def recipe_path(method: str) -> Path:
-    from diffdistill.zoo import ZOO_RECIPES, digits_methods
-
     path = ZOO_RECIPES / f"digits_{method}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no digits recipe for method {method!r} ({path}); available: {', '.join(digits_methods()) or 'none'}")
@@ -70,8 +76,6 @@ def latency_per_image(pipe, steps: int, guidance: float, repeats: int = 7) -> fl
 
 def save_loss_curve(metrics_file: Path, path: Path, keys=("loss_generator", "loss_critic")) -> Path | None:
     """A loss-curve PNG with PIL only: one polyline per logged loss, each scaled to its own range."""
-    from PIL import Image, ImageDraw
-
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
     series = {k: v for k, v in series.items() if len(v) > 1}
@@ -98,9 +102,6 @@ def save_loss_curve(metrics_file: Path, path: Path, keys=("loss_generator", "los
 
 def distill(method: str, run_dir: Path, overrides: list[str] | None = None):
     """Trains the method's digits recipe into ``run_dir`` (resuming if it holds a run); returns (its config, seconds)."""
-    from diffdistill.config import load_recipe
-    from diffdistill.engine.trainer import train
-
     cfg = load_recipe(recipe_path(method), [f"out={run_dir}", *(overrides or [])])
     tic = time.perf_counter()
     train(cfg)
@@ -110,8 +111,6 @@ def distill(method: str, run_dir: Path, overrides: list[str] | None = None):
 def judge_generator(pipe, steps: int, guidance: float, prompts: list[str], labels: list[int], latents: torch.Tensor, judge,
                     latency_repeats: int = 7) -> tuple[dict, torch.Tensor]:
     """One pipeline's judged metrics (and its images) on the given prompts and initial noise."""
-    from diffdistill.zoo.judge import judge_samples
-
     images = generate_images(pipe, prompts, latents, steps, guidance)
     metrics = {"steps": steps, "guidance": guidance, **judge_samples(judge, images, labels),
                "latency_s": latency_per_image(pipe, steps, guidance, latency_repeats)}
@@ -119,8 +118,6 @@ def judge_generator(pipe, steps: int, guidance: float, prompts: list[str], label
 
 
 def load_pipeline(path):
-    from diffusers import DiffusionPipeline
-
     pipe = DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -129,9 +126,6 @@ def load_pipeline(path):
 def evaluate(teacher_dir, student_dir, *, num_samples: int = 1000, guidance: float, seed: int = 0,
              latency_repeats: int = 7, grids_dir: Path | None = None) -> dict:
     """Judges teacher (25 steps, guided), start (teacher, 1 step) and student (exported, 1 step)."""
-    from diffdistill.engine.logging import save_grid
-    from diffdistill.zoo.judge import load_judge
-
     judge = load_judge()
     teacher, student = load_pipeline(teacher_dir), load_pipeline(student_dir)
     prompts, labels = evaluation_prompts(num_samples)
@@ -167,9 +161,6 @@ def results_table(results: dict) -> str:
 def run_quickstart(method: str = "dmd2", out="runs/quickstart", overrides: list[str] | None = None, num_samples: int = 1000,
                    latency_repeats: int = 7, teacher: str = "zoo:digits") -> dict:
     """Distill, export, evaluate; writes ``out/results.json``, grids and a loss curve, and returns the results."""
-    from diffdistill.export import export_run
-    from diffdistill.zoo import zoo_path
-
     out = Path(out)
     overrides = [f"teacher={teacher}", *(overrides or [])]
     teacher_dir = zoo_path(teacher.split(":", 1)[1]) if teacher.startswith("zoo:") else Path(teacher)

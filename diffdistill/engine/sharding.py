@@ -1,0 +1,143 @@
+"""Sharded training with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+``parallel: fsdp`` shards each trained net (student, critic, GAN head) per block, then at its root,
+so a process holds 1/N of every weight, gradient, optimizer moment and EMA, and gathers one block's
+weights at a time for compute. Parameters stay float32 (the optimizer's master weights); under
+``mixed_precision: bf16`` blocks compute in bf16 and gradients are reduced in float32. The frozen
+teacher is replicated (optionally in low precision, ``teacher_dtype``) or, with ``shard_teacher``,
+sharded the same way. ``cpu_offload`` keeps the shards (and so the optimizer state) in host memory.
+
+Checkpoints stay in the one format every run writes (:mod:`diffdistill.engine.checkpoint`): full
+tensors, gathered here before the main process writes them and split again on load. So a
+checkpoint written by N processes resumes on M, and ``diffdistill export`` reads it on one CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+# Where diffusers backbones keep their repeated blocks: UNet down/up blocks' resnets and attentions
+# and the mid block; DiT/MMDiT/Flux transformer blocks.
+BLOCK_LISTS = ("resnets", "attentions", "transformer_blocks", "single_transformer_blocks")
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The blocks sharded on their own (one all-gather each): the outermost listed block on each
+    path (a UNet mid block whole, not its resnets again); the root is sharded after them."""
+    units, taken = [], []
+    for name, child in module.named_modules():  # parents come before their children
+        if any(name.startswith(prefix + ".") for prefix in taken):
+            continue
+        parent, _, last = name.rpartition(".")
+        if last.isdigit() and parent.rsplit(".", 1)[-1] in BLOCK_LISTS or name.endswith("mid_block"):
+            units.append(child)
+            taken.append(name)
+    return units
+
+
+def precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+
+
+def shard(module: nn.Module, mixed_precision: str = "no", cpu_offload: bool = False) -> nn.Module:
+    """``fully_shard`` on each block and then the root (in place; the module keeps its class API)."""
+    options = {"mp_policy": precision_policy(mixed_precision)}
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for unit in shard_units(module):
+        fully_shard(unit, **options)
+    fully_shard(module, **options)
+    return module
+
+
+def reshard(module: nn.Module) -> None:
+    """Frees a sharded root's gathered weights. FSDP keeps a root's weights whole after a forward
+    for the backward that usually follows; after a no-grad forward (a target or a critic only read)
+    none follows, and its parameters would stay whole, unlike those of the net it tracks."""
+    if isinstance(module, FSDPModule):
+        module.reshard()
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def set_gradient_sync(module: nn.Module, sync: bool) -> None:
+    """FSDP's no_sync: skip the reduce-scatter of all but the last micro-batch's gradients."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(sync)
+
+
+def full_tensor(value):
+    """The whole tensor behind a shard (a collective: every process must call it, in the same order)."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def gather_state(state: dict, keep: bool = True) -> dict:
+    """A (possibly nested) state dict with every shard replaced by its full tensor, in host memory.
+    Every process must call it; with ``keep=False`` a process drops each tensor once gathered, so
+    only the writing process ever holds the whole state."""
+    gathered = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            gathered[key] = gather_state(value, keep)
+        elif torch.is_tensor(value):
+            value = full_tensor(value)
+            if keep:
+                gathered[key] = value.cpu()
+        else:
+            gathered[key] = value
+    return gathered
+
+
+def shard_like(full: torch.Tensor, reference):
+    """``full`` split as ``reference`` is (a DTensor's mesh and placements), or unchanged."""
+    if isinstance(reference, DTensor):
+        return distribute_tensor(full.to(reference.dtype), reference.device_mesh, reference.placements)
+    return full
+
+
+class FullState:
+    """A module, EMA or optimizer seen through full tensors: ``state_dict()`` gathers every shard,
+    ``load_state_dict()`` splits full tensors the way the live object holds them. The checkpoint
+    code reads and writes through it exactly as through the object itself."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def state_dict(self, keep: bool = True) -> dict:
+        return gather_state(self.target.state_dict(), keep)
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(self.target, torch.optim.Optimizer):
+            self.target.load_state_dict(self._optimizer_shards(state))
+            return
+        live = self.target.state_dict()
+        self.target.load_state_dict({k: shard_like(v, live.get(k)) for k, v in state.items()})
+
+    def _optimizer_shards(self, state: dict) -> dict:
+        params = [p for group in self.target.param_groups for p in group["params"]]
+        per_param = {}
+        for index, values in state["state"].items():
+            param = params[int(index)]
+            per_param[index] = {k: shard_like(v, param) if k != "step" and torch.is_tensor(v) else v for k, v in values.items()}
+        return {"state": per_param, "param_groups": state["param_groups"]}
+
+
+@dataclass
+class Snapshot:
+    """A state dict gathered ahead of time, handed to the checkpoint writer like a live object."""
+
+    state: dict
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+__all__ = ["Snapshot", "FullState", "gather_state", "is_sharded", "reshard", "set_gradient_sync", "shard", "shard_units"]

@@ -1,0 +1,99 @@
+"""Many processes on CPU (gloo): every tiny recipe under DDP and FSDP2, and FSDP2 held against one process.
+
+FSDP runs here exactly as on GPUs, through PyTorch's ``fully_shard`` with the gloo backend.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffdistill.config import ConfigError, load_recipe
+from diffdistill.run import train
+
+ROOT = Path(__file__).resolve().parent.parent
+DMD2 = ROOT / "recipes" / "tiny" / "dmd2.yaml"
+FAST = ["batch_size=4", "log_every=1", "sample_every=0", "mixed_precision=no"]
+TINY_RECIPES = sorted(p.stem for p in (ROOT / "recipes" / "tiny").glob("*.yaml"))
+
+
+def launch(args: list[str], port: int, timeout: int = 900) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+def train_two(out: Path, port: int, *overrides: str) -> Path:
+    launch(["-m", "diffdistill.cli", "train", str(DMD2), f"out={out}", *FAST, *overrides], port)
+    return out
+
+
+def checkpoint(run: Path, step: int) -> dict:
+    folder = run / "checkpoints" / f"step-{step:08d}"
+    return {f.stem: load_file(str(f)) for f in folder.glob("*.safetensors") if f.stem != "rng"}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_every_tiny_recipe_runs_each_phase_on_two_processes(parallel, tmp_path):
+    """Each recipe runs until every phase has run once (DMD2 with its GAN head: critic steps after a generator step)."""
+    launch([str(ROOT / "tests" / "multiprocess_recipes.py"), parallel, str(tmp_path)], 29541 if parallel == "ddp" else 29542)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(results) == TINY_RECIPES
+    for name, result in results.items():
+        assert result["phases"] == result["expected"], f"{name}: ran {result['phases']} of {result['expected']}"
+        assert result["finite"] and result["checkpoint"], f"{name}: {result}"
+
+
+def test_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path):
+    one = train(load_recipe(DMD2, [f"out={tmp_path / 'one'}", "max_steps=4", "checkpoint_every=100", *FAST]))
+    whole = train_two(tmp_path / "fsdp", 29543, "parallel=fsdp", "max_steps=4", "checkpoint_every=2")
+    a, b = checkpoint(one, 4), checkpoint(whole, 4)
+    assert sorted(a) == sorted(b) and all(sorted(a[f]) == sorted(b[f]) for f in a)  # the one checkpoint format
+    # Gradients agree to float rounding (the reduce-scatter sums in another order). Adam divides by
+    # sqrt(v), so a near-zero gradient's rounding can move a weight by up to lr per step: over 4 steps
+    # at lr 1e-5 no weight may differ by more than 4e-5, and the typical weight far less.
+    for name in ("net-generator", "net-critic", "net-gan_head"):
+        diffs = torch.cat([(a[name][k] - b[name][k]).abs().flatten() for k in a[name]])
+        assert diffs.max() <= 4e-5 and diffs.mean() <= 2e-6, f"{name}: max {diffs.max():.2e}, mean {diffs.mean():.2e}"
+
+    # killed after its step-2 checkpoint and relaunched: ends bit for bit where the uninterrupted run did
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    (resumed / "checkpoints" / "latest").write_text("step-00000002")
+    train_two(resumed, 29544, "parallel=fsdp", "max_steps=4", "checkpoint_every=2")
+    c = checkpoint(resumed, 4)
+    for name in b:
+        assert all(torch.equal(b[name][k], c[name][k]) for k in b[name]), name
+
+    # the sharded run's checkpoint resumes on one process, and exports as an unsharded run does
+    train(load_recipe(DMD2, [f"out={resumed}", "max_steps=6", "checkpoint_every=100", *FAST]))
+    assert (resumed / "checkpoints" / "step-00000006").is_dir()
+    from diffdistill.export import export_run
+
+    for run in (one, whole):
+        export_run(run, tmp_path / f"export-{run.name}")
+    from diffusers import DiffusionPipeline
+
+    images = []
+    for run in (one, whole):
+        pipe = DiffusionPipeline.from_pretrained(tmp_path / f"export-{run.name}")
+        images.append(pipe("a digit 1", num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images)
+    assert (images[0] - images[1]).abs().max() < 1e-3
+
+
+def test_fsdp_needs_several_processes(tmp_path):
+    with pytest.raises(ConfigError, match="accelerate launch"):
+        train(load_recipe(DMD2, [f"out={tmp_path}", "parallel=fsdp", "max_steps=1"]))
+    with pytest.raises(ConfigError, match="parallel=fsdp"):
+        train(load_recipe(DMD2, [f"out={tmp_path}", "shard_teacher=true", "max_steps=1"]))
+    with pytest.raises(ConfigError, match="choose one of"):
+        train(load_recipe(DMD2, [f"out={tmp_path}", "parallel=deepspeed", "max_steps=1"]))
