@@ -61,6 +61,8 @@ class TrainConfig:
     parallel: str = "ddp"              # ddp: every process holds whole nets | fsdp: PyTorch FSDP2 shards them over processes
     shard_teacher: bool = False        # fsdp: shard the frozen teacher too (else every process holds it, in teacher_dtype)
     cpu_offload: bool = False          # fsdp: keep parameter shards and optimizer state in host memory (GPU runs)
+    gradient_checkpointing: bool = False  # recompute trained backbones' activations in backward (diffusers' own)
+    optimizer: str = "adamw"           # adamw | adamw8bit (bitsandbytes: 8-bit moments, a quarter of AdamW's state)
     seed: int = 0
     ema_decay: float = 0.0             # EMA of the generator; 0 disables
     checkpoint_every: int = 500        # plus one at the last step

@@ -7,6 +7,8 @@ v_prediction, sample or flow) and :func:`diffdistill.param.to_x0` converts once,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -15,13 +17,36 @@ from diffdistill.backbones import backbone_kind, call_backbone
 from diffdistill.param import append_dims
 
 
+@contextlib.contextmanager
+def lora_adapters(backbone: nn.Module, adapter: str | bool | None):
+    """Runs ``backbone`` with only LoRA ``adapter`` on (False: none on; None: as it is), so one frozen
+    base serves as the real score (adapters off) and carries the fake score's adapters (on).
+
+    Sets peft's per-layer flags directly: its ``enable_adapters``/``set_adapter`` would also flip
+    ``requires_grad``, which the trainer owns (it freezes nets a phase only reads)."""
+    layers = [] if adapter is None else [m for m in backbone.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "lora_A")]
+    before = [(m._disable_adapters, m._active_adapter) for m in layers]
+    for m in layers:
+        m._disable_adapters = adapter is False
+        if isinstance(adapter, str):
+            m._active_adapter = adapter
+    try:
+        yield
+    finally:
+        for m, (disabled, active) in zip(layers, before):
+            m._disable_adapters, m._active_adapter = disabled, active
+
+
 class Denoiser(nn.Module):
-    def __init__(self, backbone: nn.Module, schedule, prediction_type: str):
+    def __init__(self, backbone: nn.Module, schedule, prediction_type: str, adapter: str | bool | None = None):
+        """``adapter``: the LoRA adapter this denoiser runs with when its backbone carries several
+        uses (a teacher's own denoiser: False, its frozen weights alone); None leaves them as they are."""
         super().__init__()
         self.backbone = backbone
         self.kind = backbone_kind(backbone)
         self.schedule = schedule
         self.prediction_type = param.check_prediction_type(prediction_type)
+        self.adapter = adapter
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The backbone's native output (float32), e.g. for an epsilon-MSE loss."""
@@ -30,7 +55,8 @@ class Denoiser(nn.Module):
         dtype = first.dtype if first is not None else x_t.dtype  # an exact (parameter-free) teacher keeps x's dtype
         cond = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
         timestep = self.schedule.model_timestep(t).to(x_t.device)
-        out = call_backbone(self.kind, self.backbone, x_t.to(dtype), timestep, cond)
+        with lora_adapters(self.backbone, self.adapter):
+            out = call_backbone(self.kind, self.backbone, x_t.to(dtype), timestep, cond)
         return out.to(torch.promote_types(out.dtype, torch.float32))  # at least float32; float64 stays
 
     def coefficients(self, t: torch.Tensor, ndim: int):

@@ -236,6 +236,7 @@ class PlanSpec:
     shard_teacher: bool = True     # under FSDP: shard the frozen teacher too, else replicate it
     workspace_fraction: float = 0.10  # allocator fragmentation, cuBLAS / NCCL / attention workspaces ...
     workspace_fixed_gib: float = 1.0  # ... and the CUDA context
+    device: str = "cuda"
 
     def passes(self) -> tuple[bool, bool, int]:
         """(trains a fake score, has a GAN term, batches of a guided teacher pass: CFG runs cond + uncond as one 2B batch)."""
@@ -314,7 +315,7 @@ def component_bytes(spec: PlanSpec, m: Measurements, tiers: Tiers) -> tuple[dict
     phase, with_grads, out["activations"] = max(_phases(spec, m, tiers, trainable), key=lambda p: p[1] * param / shard + p[2])
     out["grads"] = with_grads * param / shard
     gather = 2 * m.activations[False, True].block_params * compute if shard > 1 else 0  # FSDP2: a gathered block + the prefetched next
-    out["workspace"] = spec.workspace_fraction * sum(out.values()) + spec.workspace_fixed_gib * GIB + gather
+    out["workspace"] = spec.workspace_fraction * sum(out.values()) + (spec.workspace_fixed_gib * GIB if spec.device == "cuda" else 0) + gather
     return {name: out[name] for name in COMPONENTS}, phase
 
 

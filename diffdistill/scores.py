@@ -19,11 +19,12 @@ import contextlib
 import copy
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from diffdistill.backbones import feature_module
 from diffdistill.conditioning import cond_cat
-from diffdistill.denoiser import native_from_x0
+from diffdistill.denoiser import Denoiser, native_from_x0
 from diffdistill.schedules import add_noise
 
 
@@ -48,22 +49,30 @@ def guided(denoiser, x_t, t, cond, uncond, w):
     return cfg_combine(x0_uncond, x0_cond, w)
 
 
-def make_critic(teacher, lora_rank: int = 0, lora_alpha: float | None = None):
-    """The fake score's Denoiser: a trainable full copy of the teacher, or LoRA on a frozen copy."""
-    backbone = teacher.make_critic() if teacher.make_critic is not None else copy.deepcopy(teacher.backbone)
-    backbone.train()
-    if lora_rank <= 0:
-        return teacher.denoiser(backbone.float().requires_grad_(True))
-    from peft import LoraConfig, inject_adapter_in_model
+def make_critic(teacher, lora_rank: int = 0, lora_alpha: float | None = None, share_teacher: bool = True, adapter: str = "default"):
+    """The fake score's Denoiser: a trainable full copy of the teacher, or LoRA adapters.
 
+    A LoRA critic keeps its adapters on the teacher's own frozen weights (``share_teacher``), so no
+    third copy of the network exists: the real score is the same module with the adapters off
+    (``Teacher.denoiser()``), the fake score with them on. ``share_teacher=False`` puts them on a
+    frozen copy instead (Phased DMD's several critics, one per expert)."""
+    if lora_rank <= 0:
+        backbone = teacher.make_critic() if teacher.make_critic is not None else copy.deepcopy(teacher.backbone)
+        return teacher.denoiser(backbone.train().float().requires_grad_(True))
+    if teacher.make_critic is not None:  # a toy teacher builds its critic fresh
+        backbone = teacher.make_critic()
+    else:
+        backbone = teacher.backbone if share_teacher else copy.deepcopy(teacher.backbone)
+    if backbone is not teacher.backbone:
+        backbone.train()
     backbone.requires_grad_(False)
     names = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
     targets = [t for t in LORA_TARGETS if any(name.endswith(t) for name in names)]
     if not targets:
         raise ValueError(f"no attention projections ({', '.join(LORA_TARGETS)}) in {type(backbone).__name__} to put LoRA on; use a full critic (critic_lora_rank=0)")
     config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets, init_lora_weights="gaussian")
-    inject_adapter_in_model(config, backbone)
-    return teacher.denoiser(backbone)
+    inject_adapter_in_model(config, backbone, adapter_name=adapter)
+    return Denoiser(backbone, teacher.schedule, teacher.prediction_type, adapter=adapter)
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA scripts

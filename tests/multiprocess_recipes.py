@@ -18,6 +18,8 @@ from diffdistill.run import build_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["batch_size=2", "checkpoint_every=1000", "sample_every=0", "log_every=1", "resume=false", "mixed_precision=no"]
+# Memory tiers on top of a recipe: the shared-teacher LoRA critic, gradient checkpointing, a bf16 teacher.
+TIERS = {"dmd2_tiers": ("dmd2", ["method.critic_lora_rank=4", "gradient_checkpointing=true", "teacher_dtype=bfloat16"])}
 SMALL_PAIRS = {"regression_pairs": ["method.regression_pairs=4", "method.regression_steps=2"], "pairs": ["method.pairs=4", "method.ode_steps=2"]}
 
 
@@ -33,17 +35,17 @@ def steps_for_every_phase(method, limit: int = 64) -> int:
     raise AssertionError(f"phases {method.phases} not all reached in {limit} steps")
 
 
-def run(recipe: Path, parallel: str, out: Path) -> dict:
+def run(recipe: Path, parallel: str, out: Path, name: str, tiers: tuple = ()) -> dict:
     spec = load_recipe(recipe).method
     extra = [o for key, overrides in SMALL_PAIRS.items() if key in spec for o in overrides]
-    cfg = load_recipe(recipe, [*TINY, *extra, f"parallel={parallel}", f"out={out / recipe.stem}", "max_steps=64"])
+    cfg = load_recipe(recipe, [*TINY, *extra, *tiers, f"parallel={parallel}", f"out={out / name}", "max_steps=64"])
     trainer = build_trainer(cfg)
     cfg.max_steps = steps_for_every_phase(trainer.method)
     trainer.fit()
-    rows = [json.loads(line) for line in (out / recipe.stem / "metrics.jsonl").read_text().splitlines()] if trainer.accelerator.is_main_process else []
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()] if trainer.accelerator.is_main_process else []
     losses = [v for row in rows for k, v in row.items() if k.startswith("loss")]
     return {"phases": sorted({row["phase"] for row in rows}), "expected": sorted(trainer.method.phases), "steps": cfg.max_steps,
-            "finite": all(math.isfinite(v) for v in losses), "checkpoint": (out / recipe.stem / "checkpoints" / "latest").is_file()}
+            "finite": all(math.isfinite(v) for v in losses), "checkpoint": (out / name / "checkpoints" / "latest").is_file()}
 
 
 def main() -> None:
@@ -52,7 +54,10 @@ def main() -> None:
     Accelerator.end_training = lambda self: None
     parallel, out, *names = sys.argv[1:]
     recipes = [p for p in sorted((ROOT / "recipes" / "tiny").glob("*.yaml")) if not names or p.stem in names]
-    results = {recipe.stem: run(recipe, parallel, Path(out)) for recipe in recipes}
+    results = {recipe.stem: run(recipe, parallel, Path(out), recipe.stem) for recipe in recipes}
+    for name, (base, tiers) in TIERS.items():
+        if not names or name in names:
+            results[name] = run(ROOT / "recipes" / "tiny" / f"{base}.yaml", parallel, Path(out), name, tuple(tiers))
     if torch.distributed.get_rank() == 0:
         (Path(out) / "results.json").write_text(json.dumps(results, indent=1))
     torch.distributed.destroy_process_group()

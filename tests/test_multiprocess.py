@@ -43,10 +43,11 @@ def checkpoint(run: Path, step: int) -> dict:
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_every_tiny_recipe_runs_each_phase_on_two_processes(parallel, tmp_path):
-    """Each recipe runs until every phase has run once (DMD2 with its GAN head: critic steps after a generator step)."""
+    """Each recipe runs until every phase has run and one has run again (DMD2 with its GAN head: a critic step after
+    a generator step); dmd2_tiers adds the shared-teacher LoRA critic, gradient checkpointing and a bf16 teacher."""
     launch([str(ROOT / "tests" / "multiprocess_recipes.py"), parallel, str(tmp_path)], 29541 if parallel == "ddp" else 29542)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert sorted(results) == TINY_RECIPES
+    assert sorted(results) == sorted([*TINY_RECIPES, "dmd2_tiers"])
     for name, result in results.items():
         assert result["phases"] == result["expected"], f"{name}: ran {result['phases']} of {result['expected']}"
         assert result["finite"] and result["checkpoint"], f"{name}: {result}"

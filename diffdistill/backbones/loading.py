@@ -44,7 +44,11 @@ class Teacher:
     data_shape: tuple | None = None  # per-sample shape, where the backbone has no sample_size (toy)
 
     def denoiser(self, backbone: torch.nn.Module | None = None) -> Denoiser:
-        return Denoiser(self.backbone if backbone is None else backbone, self.schedule, self.prediction_type)
+        """A Denoiser over ``backbone``; by default the teacher itself, which runs with its frozen
+        weights alone even when a LoRA critic keeps its adapters on them (see scores.make_critic)."""
+        if backbone is None or backbone is self.backbone:
+            return Denoiser(self.backbone, self.schedule, self.prediction_type, adapter=False)
+        return Denoiser(backbone, self.schedule, self.prediction_type)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -56,7 +56,7 @@ def encode_images(teacher, images: torch.Tensor, batch_size: int = 64) -> torch.
     vae = teacher.pipe.vae
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    out = [(vae.encode(images[i : i + batch_size]).latent_dist.mean - shift) * scale for i in range(0, len(images), batch_size)]
+    out = [(vae.encode(images[i : i + batch_size].to(vae.dtype)).latent_dist.mean.float() - shift) * scale for i in range(0, len(images), batch_size)]
     return torch.cat(out).float()
 
 

@@ -52,16 +52,24 @@ def shard(module: nn.Module, mixed_precision: str = "no", cpu_offload: bool = Fa
         options["offload_policy"] = CPUOffloadPolicy()
     for unit in shard_units(module):
         fully_shard(unit, **options)
-    fully_shard(module, **options)
+    fully_shard(fsdp_root(module), **options)
     return module
+
+
+def fsdp_root(module: nn.Module) -> nn.Module:
+    """Where FSDP's root sits: a Denoiser's backbone (the Denoiser holds no weights of its own, and a
+    LoRA critic's backbone is the teacher's, run by the teacher's Denoiser too), else the module."""
+    backbone = getattr(module, "backbone", None)
+    return backbone if isinstance(backbone, nn.Module) else module
 
 
 def reshard(module: nn.Module) -> None:
     """Frees a sharded root's gathered weights. FSDP keeps a root's weights whole after a forward
     for the backward that usually follows; after a no-grad forward (a target or a critic only read)
     none follows, and its parameters would stay whole, unlike those of the net it tracks."""
-    if isinstance(module, FSDPModule):
-        module.reshard()
+    root = fsdp_root(module)
+    if isinstance(root, FSDPModule):
+        root.reshard()
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -70,8 +78,9 @@ def is_sharded(module: nn.Module) -> bool:
 
 def set_gradient_sync(module: nn.Module, sync: bool) -> None:
     """FSDP's no_sync: skip the reduce-scatter of all but the last micro-batch's gradients."""
-    if hasattr(module, "set_requires_gradient_sync"):
-        module.set_requires_gradient_sync(sync)
+    root = fsdp_root(module)
+    if isinstance(root, FSDPModule):
+        root.set_requires_gradient_sync(sync)
 
 
 def full_tensor(value):

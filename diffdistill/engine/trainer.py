@@ -22,7 +22,7 @@ from diffdistill.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from diffdistill.ema import EMA
 from diffdistill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffdistill.engine.logging import append_metrics, save_grid, tensorboard_available
-from diffdistill.engine.sharding import FullState, Snapshot, full_tensor, reshard, set_gradient_sync, shard
+from diffdistill.engine.sharding import FullState, Snapshot, full_tensor, is_sharded, reshard, set_gradient_sync, shard
 from diffdistill.methods.base import Method
 from diffdistill.randomness import derive_seed, step_random
 from diffdistill.sampling import decode_latents
@@ -56,17 +56,45 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         raise ConfigError(f"batch_size={cfg.batch_size} must divide evenly into grad_accum={cfg.grad_accum} x {world} processes")
     if cfg.parallel not in PARALLEL:
         raise ConfigError(f"parallel={cfg.parallel!r}: choose one of {', '.join(PARALLEL)}")
+    if cfg.cpu_offload and not torch.cuda.is_available():
+        raise ConfigError("cpu_offload moves shards from GPU to host memory; on a machine without GPUs drop cpu_offload=true")
+    if cfg.parallel != "fsdp" and (cfg.shard_teacher or cfg.cpu_offload):
+        raise ConfigError("shard_teacher and cpu_offload are FSDP options: add parallel=fsdp (and launch several processes)")
     if cfg.parallel == "fsdp" and world == 1:
         raise ConfigError("parallel=fsdp shards over several processes, but this is one: launch with "
                           "`accelerate launch --multi_gpu --num_processes N -m diffdistill.cli train ...`, or drop parallel=fsdp")
-    if cfg.parallel != "fsdp" and (cfg.shard_teacher or cfg.cpu_offload):
-        raise ConfigError("shard_teacher and cpu_offload are FSDP options: add parallel=fsdp (and launch several processes)")
-    if cfg.cpu_offload and not torch.cuda.is_available():
-        raise ConfigError("cpu_offload moves shards from GPU to host memory; on a machine without GPUs drop cpu_offload=true")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer={cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     return accelerator
 
 
 PARALLEL = ("ddp", "fsdp")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def make_optimizer(kind: str, params: list, opt_cfg) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (moments quantized blockwise: 2 bytes a parameter, not 8)."""
+    options = {"lr": opt_cfg.lr, "betas": tuple(opt_cfg.betas), "weight_decay": opt_cfg.weight_decay, "eps": opt_cfg.eps}
+    if kind == "adamw":
+        return torch.optim.AdamW(params, **options)
+    if kind != "adamw8bit":
+        raise ConfigError(f"optimizer={kind!r}: choose one of {', '.join(OPTIMIZERS)}")
+    try:
+        import bitsandbytes  # optional extra: 8-bit optimizers (CUDA)
+    except ImportError as e:
+        raise ConfigError("optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` on a CUDA machine, or use optimizer=adamw") from e
+    return bitsandbytes.optim.AdamW8bit(params, **options)
+
+
+def enable_gradient_checkpointing(nets: list) -> None:
+    """diffusers' own activation checkpointing on every trained backbone that has it (GAN heads are small)."""
+    backbones = [getattr(_unwrap(net), "backbone", None) for net in nets]
+    able = [b for b in backbones if hasattr(b, "enable_gradient_checkpointing")]
+    if not able:
+        names = ", ".join(sorted({type(b).__name__ for b in backbones}))
+        raise ConfigError(f"gradient_checkpointing: no trained backbone here ({names}) supports it; drop gradient_checkpointing=true")
+    for backbone in able:
+        backbone.enable_gradient_checkpointing()
 
 
 def place_teacher(teacher, device) -> None:
@@ -91,6 +119,8 @@ class Trainer:
     def _prepare(self) -> None:
         cfg, acc, method = self.cfg, self.accelerator, self.method
         self.trained = {name: _trainable(net) for name, net in method.nets.items() if _trainable(net)}  # name -> its trained params
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing([method.nets[name] for name in self.trained])
         self.sharded = cfg.parallel == "fsdp"
         # A method's EMA copies (LCM's target, Phased DMD's expert EMAs) follow a trained net parameter by
         # parameter, so under FSDP they are sharded as that net is.
@@ -102,14 +132,13 @@ class Trainer:
                 method.nets[name] = shard(net.to(acc.device), cfg.mixed_precision, cfg.cpu_offload)
             else:
                 method.nets[name] = acc.prepare_model(net)
-        if self.sharded and cfg.shard_teacher:
+        if self.sharded and cfg.shard_teacher and not is_sharded(self.teacher.backbone):  # a LoRA critic may have sharded it
             shard(self.teacher.backbone)  # frozen: gathered block by block for its forward passes, in its own dtype
         self.optimizers = {}
         for phase in method.phases:
             opt_cfg = cfg.optim if phase == "generator" else cfg.critic_optim
             params = [p for name in method.phase_nets(phase) for p in _trainable(method.nets[name])]
-            optimizer = torch.optim.AdamW(params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay, eps=opt_cfg.eps)
-            self.optimizers[phase] = acc.prepare_optimizer(optimizer)
+            self.optimizers[phase] = acc.prepare_optimizer(make_optimizer(cfg.optimizer, params, opt_cfg))
         self.emas = {"generator": EMA(_unwrap(method.nets["generator"]), cfg.ema_decay)} if cfg.ema_decay > 0 else {}
         # A method's own EMA targets (LCM's target network: a module it updates in ``after_step``),
         # saved and restored with the checkpoint like the generator's EMA; the trainer never updates them.

@@ -100,7 +100,7 @@ class PhasedDMD:
         self.nets = {}
         for k in range(len(self.timesteps)):
             self.nets[f"expert_{k}"] = student_denoiser(teacher)
-            self.nets[f"critic_{k}"] = make_critic(teacher, options.critic_lora_rank)
+            self.nets[f"critic_{k}"] = make_critic(teacher, options.critic_lora_rank, share_teacher=False)  # one LoRA set per base
         self.engines = [ScoreEngine(teacher, self.nets, critic_name=f"critic_{k}") for k in range(len(self.timesteps))]
         self.ema_targets = {}
         if options.expert_ema > 0:
