@@ -120,11 +120,12 @@ def add_lora(model: torch.nn.Module, rank: int) -> int:
 
 # Activations, measured on meta tensors.
 class _FusedAttentionSaves(torch.autograd.Function):
-    """What fused (flash / memory-efficient) SDPA keeps on a GPU: q, k, v, output, fp32 log-sum-exp; meta's math path would save L x L."""
+    """What fused SDPA (flash / memory-efficient on a GPU, flash on a CPU) keeps: q, k, v, output, fp32 log-sum-exp; meta's math path
+    would save L x L. The output is laid out (B, L, heads, D) and returned transposed, so merging the heads after it copies nothing."""
 
     @staticmethod
     def forward(ctx, q, k, v):
-        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        out = q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1])).transpose(1, 2)
         ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
         return out
 
@@ -236,7 +237,7 @@ class PlanSpec:
     shard_teacher: bool = True     # under FSDP: shard the frozen teacher too, else replicate it
     workspace_fraction: float = 0.10  # allocator fragmentation, cuBLAS / NCCL / attention workspaces ...
     workspace_fixed_gib: float = 1.0  # ... and the CUDA context
-    device: str = "cuda"
+    device: str = "cuda"           # cpu: one process's RSS, no CUDA context or fixed workspace; the 10% allocator margin stays
 
     def passes(self) -> tuple[bool, bool, int]:
         """(trains a fake score, has a GAN term, batches of a guided teacher pass: CFG runs cond + uncond as one 2B batch)."""
@@ -272,29 +273,37 @@ class Tiers:
     shard_teacher: bool = True
 
 
-def _phases(spec: PlanSpec, m: Measurements, tiers: Tiers, trainable: dict) -> list[tuple[str, int, float]]:
+def _phases(spec: PlanSpec, m: Measurements, tiers: Tiers, trainable: dict, grad_bytes: float) -> list[tuple[str, int, float]]:
     """(phase, trainable params holding grads, activation bytes) at each phase's peak. DMD2's generator phase: the student
     forward with grad; the DM term's teacher (CFG, 2B) and critic under no_grad; with a GAN, the critic forward with grad (to its
     input; autograd fills the critic's own grads too). Critic phase: the student under no_grad, the critic's denoising loss with
-    grad; with a GAN, two more critic passes (fake, kept to the features, and real). No fake score: the generator phase only."""
+    grad; with a GAN, two more critic passes (fake, kept to the features, and real). No fake score: the generator phase only.
+    Grads exist only in backward, after the no-grad passes have freed theirs: a phase peaks at max(saved + no-grad pass, saved +
+    block recompute + grads); its activations are that peak less the grads (``grad_bytes`` per trained parameter)."""
     has_critic, gan, guided = spec.passes()
     ck, compute = tiers.gradient_checkpointing, BYTES[COMPUTE_DTYPE[spec.mixed_precision]]
     no_grad = m.activations[False, True].block_peak  # a no-grad pass holds about one block's intermediates at a time
-    def grad_pass(lora: bool, extra: int = 0) -> float:
+    # Without autocast a pass computes in its weights' dtype: passes on the teacher's frozen weights in the teacher's.
+    frozen = BYTES[tiers.teacher_dtype] / compute if spec.mixed_precision == "no" else 1
+    def grad_pass(lora: bool, extra: int = 0) -> tuple[float, float]:  # (kept for backward, + one block's recompute in it)
         a = m.activations[lora, ck]
         sharded = tiers.parallel == "fsdp" and (tiers.shard_teacher or not lora)  # FSDP2 frees gathered weights after each block
-        if sharded or BYTES[tiers.teacher_dtype if lora else spec.param_dtype] == compute:
+        if sharded or spec.mixed_precision == "no" or BYTES[tiers.teacher_dtype if lora else spec.param_dtype] == compute:
             copies = 0
         else:  # autocast caches a compute-dtype copy of each trained weight until it exits; frozen ones live where saved
             copies = a.weights if lora else m.backbone * compute
-        return a.saved + extra + (a.block_peak if ck else 0) + copies
-    critic_lora = tiers.critic == "lora"
-    generator = grad_pass(tiers.student_lora) + max(no_grad * guided, grad_pass(critic_lora) if gan else 0)
-    phases = [("generator", trainable["student"] + (trainable["critic"] + trainable["GAN head"] if gan else 0), generator)]
+        return (a.saved + extra) * (frozen if lora else 1) + copies, (a.block_peak * (frozen if lora else 1) if ck else 0)
+    def peak(grads: int, forward: float, backward: float) -> float:
+        return max(forward, backward + grads * grad_bytes) - grads * grad_bytes
+    critic_lora, (student, student_rc) = tiers.critic == "lora", grad_pass(tiers.student_lora)
+    (critic, critic_rc), student_no_grad = grad_pass(critic_lora) if gan else (0, 0), no_grad * (frozen if tiers.student_lora else 1)
+    grads = trainable["student"] + (trainable["critic"] + trainable["GAN head"] if gan else 0)
+    phases = [("generator", grads, peak(grads, student + max(no_grad * guided * frozen, critic), student + critic + max(student_rc, critic_rc)))]
     if has_critic:
         crit = m.activations[critic_lora, ck]
-        critic = grad_pass(critic_lora, crit.at_features + crit.saved if gan else 0)
-        phases.append(("critic", trainable["critic"] + trainable["GAN head"], max(no_grad, critic)))
+        critic, critic_rc = grad_pass(critic_lora, crit.at_features + crit.saved if gan else 0)
+        grads = trainable["critic"] + trainable["GAN head"]
+        phases.append(("critic", grads, peak(grads, max(student_no_grad, critic), critic + critic_rc)))
     return phases
 
 
@@ -312,7 +321,7 @@ def component_bytes(spec: PlanSpec, m: Measurements, tiers: Tiers) -> tuple[dict
     state = 0 if tiers.optimizer_offload else (2 if tiers.adam8bit else 8) + (4 if param != 4 else 0)  # 2 moments (+ fp32 master)
     out["optimizer"] = sum(trainable.values()) * state / shard
     out["EMA"] = trainable["student"] * 4 / shard if spec.ema else 0  # float32 shadow of what the student trains
-    phase, with_grads, out["activations"] = max(_phases(spec, m, tiers, trainable), key=lambda p: p[1] * param / shard + p[2])
+    phase, with_grads, out["activations"] = max(_phases(spec, m, tiers, trainable, param / shard), key=lambda p: p[1] * param / shard + p[2])
     out["grads"] = with_grads * param / shard
     gather = 2 * m.activations[False, True].block_params * compute if shard > 1 else 0  # FSDP2: a gathered block + the prefetched next
     out["workspace"] = spec.workspace_fraction * sum(out.values()) + (spec.workspace_fixed_gib * GIB if spec.device == "cuda" else 0) + gather
@@ -361,9 +370,9 @@ def render_markdown(rows: list[dict], spec: PlanSpec, m: Measurements) -> str:
 - Activations measured on meta tensors (batch {spec.batch}, latent {m.latent}x{m.latent}, {dtype}, fused-attention saves): a forward with
   grad keeps {full.saved / GIB:.2f} GiB; with checkpointing {ckpt.saved / GIB:.2f} GiB + {ckpt.block_peak / GIB:.2f} GiB for one block's
   recompute. Grads and activations are those of the phase (generator or critic) with the higher peak.
-- Trained copies in {spec.param_dtype}; AdamW 8 bytes/param (8-bit: 2; offload: 0 on the GPU); EMA float32; teacher, VAE, text encoders
-  in the teacher dtype. Workspace: {spec.workspace_fraction:.0%} of the rest + {spec.workspace_fixed_gib:g} GiB (+ 2 gathered blocks under FSDP).
-- The LoRA critic shares the teacher's weights; make_critic deep-copies them today: +{m.backbone * BYTES[spec.teacher_dtype] / GIB:.1f} GiB."""
+- Trained copies in {spec.param_dtype}; AdamW 8 bytes/param (8-bit: 2; offload: 0 on the GPU); EMA float32; teacher, VAE, text encoders in
+  the teacher dtype. Workspace: {spec.workspace_fraction:.0%} of the rest + {spec.workspace_fixed_gib * (spec.device == "cuda"):g} GiB (FSDP: + 2 blocks).
+- The LoRA critic keeps its adapters on the teacher's own frozen weights (no third copy; a full critic adds {m.backbone * 4 / GIB:.1f} GiB)."""
 
 
 # Command line.
