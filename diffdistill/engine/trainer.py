@@ -72,14 +72,12 @@ PARALLEL = ("ddp", "fsdp")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
-def make_optimizer(kind: str, params: list, opt_cfg, fused: bool = True) -> torch.optim.Optimizer:
+def make_optimizer(kind: str, params: list, opt_cfg) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW (moments quantized blockwise: 2 bytes a parameter, not 8).
-    ``kind`` is one of OPTIMIZERS (checked with the rest of the run's settings in make_accelerator).
-    ``fused``: one kernel for all parameters (3.4x faster than the per-parameter loop for a 10M-parameter
-    UNet on this CPU, benchmarks/train_step.py); FSDP's sharded parameters take the default path."""
+    ``kind`` is one of OPTIMIZERS (checked with the rest of the run's settings in make_accelerator)."""
     options = {"lr": opt_cfg.lr, "betas": tuple(opt_cfg.betas), "weight_decay": opt_cfg.weight_decay, "eps": opt_cfg.eps}
     if kind == "adamw":
-        return torch.optim.AdamW(params, **options, fused=fused or None)
+        return torch.optim.AdamW(params, **options)
     try:
         import bitsandbytes  # optional extra: 8-bit optimizers (CUDA)
     except ImportError as e:
@@ -139,7 +137,7 @@ class Trainer:
         for phase in method.phases:
             opt_cfg = cfg.optim if phase == "generator" else cfg.critic_optim
             params = [p for name in method.phase_nets(phase) for p in _trainable(method.nets[name])]
-            self.optimizers[phase] = acc.prepare_optimizer(make_optimizer(cfg.optimizer, params, opt_cfg, fused=not self.sharded))
+            self.optimizers[phase] = acc.prepare_optimizer(make_optimizer(cfg.optimizer, params, opt_cfg))
         self.emas = {"generator": EMA(_unwrap(method.nets["generator"]), cfg.ema_decay)} if cfg.ema_decay > 0 else {}
         # A method's own EMA targets (LCM's target network: a module it updates in ``after_step``),
         # saved and restored with the checkpoint like the generator's EMA; the trainer never updates them.
