@@ -38,6 +38,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,11 +127,11 @@ def child(tier: str, args) -> dict:
     trainer = build_trainer(cfg, teacher=teacher, data=DataSource(PROMPTS * 2, None, cfg.seed, 0.0))
     built, steps = resident(), []
     for step in range((args.ratio + 1) * args.updates):
-        before = resident()
+        before, start = resident(), time.perf_counter()
         reset_peak()
         phase = trainer.train_step(step)["phase"]
         steps.append({"step": step, "phase": phase, "before_mib": before - baseline, "peak_mib": peak() - baseline,
-                      "after_mib": resident() - baseline})
+                      "after_mib": resident() - baseline, "seconds": time.perf_counter() - start})
     top, last = max(steps, key=lambda s: s["peak_mib"]), max(steps[-(args.ratio + 1):], key=lambda s: s["peak_mib"])
     return {"device": "cuda" if cuda else "cpu", "baseline_mib": baseline, "built_mib": built - baseline,
             "file_pages_mib": status_mib("RssFile") - file_pages, "peak_mib": top["peak_mib"], "peak_phase": top["phase"],
