@@ -53,6 +53,7 @@ TIERS = {  # tier -> recipe overrides; plan's Tiers follow from the same keys (s
     "grad ckpt + LoRA critic": ["gradient_checkpointing=true", "method.critic_lora_rank={rank}"],
     "LoRA critic + bf16 teacher": ["method.critic_lora_rank={rank}", "teacher_dtype=bfloat16"],
     "grad ckpt + LoRA critic + bf16 teacher": ["gradient_checkpointing=true", "method.critic_lora_rank={rank}", "teacher_dtype=bfloat16"],
+    "LoRA student + LoRA critic": ["method.student_lora_rank={rank}", "method.critic_lora_rank={rank}"],
 }
 MALLOC = {"returned": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
 NOT_RUN = {"8-bit Adam": "optimizer=adamw8bit needs bitsandbytes (CUDA), not installed here",
@@ -181,6 +182,7 @@ def predict(args, tiers: list[str]) -> tuple[dict, dict]:
         keys = dict(o.split("=", 1) for o in overrides(tier, args))
         parts, phase = component_bytes(spec, m, Tiers(gradient_checkpointing="gradient_checkpointing" in keys,
                                                       critic="lora" if "method.critic_lora_rank" in keys else "full",
+                                                      student_lora="method.student_lora_rank" in keys,
                                                       teacher_dtype=keys.get("teacher_dtype", "float32")))
         out[tier] = {"predicted_mib": sum(parts.values()) / MIB, "predicted_phase": phase, "parts_mib": {k: v / MIB for k, v in parts.items()}}
     widths = json.loads((folder / "unet" / "config.json").read_text())["block_out_channels"]
@@ -231,7 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--latent", type=int, default=32, help="latent side L: 4 x L x L latents")
     parser.add_argument("--width-scale", type=float, default=0.1, help="SD1.5 UNet widths x this (0.1: 32, 64, 128, 128)")
-    parser.add_argument("--rank", type=int, default=64, help="LoRA critic rank (method.critic_lora_rank)")
+    parser.add_argument("--rank", type=int, help="LoRA rank (method.critic_lora_rank, student_lora_rank); default: 64 (DMD2's SDXL "
+                        "LoRA) x --width-scale, so adapters keep their real size relative to the layers they adapt")
     parser.add_argument("--ratio", type=int, default=1, help="critic steps per generator step (a step's memory does not depend on it)")
     parser.add_argument("--updates", type=int, default=2, help="updates run; the first allocates AdamW's moments")
     parser.add_argument("--malloc", choices=["both", *MALLOC], default="both", help="glibc setting(s) to measure under")
@@ -239,6 +242,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     parser.add_argument("--child", metavar="TIER", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.rank = args.rank or max(1, round(64 * args.width_scale))
     if args.child:
         print(json.dumps(child(args.child, args)))
         return 0

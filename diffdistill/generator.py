@@ -11,19 +11,29 @@ so the student trains on the inputs it will see at inference. Only the last step
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
+from diffdistill.denoiser import Denoiser, add_lora, base_copy
 from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import add_noise
 
 
-def student_denoiser(teacher):
+def student_denoiser(teacher, lora_rank: int = 0):
     """The trainable student: a float32 copy of the teacher's backbone (whatever precision the
-    frozen teacher is held in), or a fresh network where the teacher has no weights to copy."""
-    backbone = teacher.make_student() if teacher.make_student is not None else copy.deepcopy(teacher.backbone).float()
+    frozen teacher is held in), or a fresh network where the teacher has no weights to copy.
+
+    ``lora_rank > 0``: LoRA adapters (float32) on the teacher's own frozen weights instead, so the
+    student adds no copy of the network (DMD2's SDXL LoRA student); it is exported as a LoRA."""
+    if lora_rank > 0:
+        if teacher.make_student is not None:
+            raise ValueError("student_lora_rank: this teacher has no weights to put adapters on (a toy); use student_lora_rank=0")
+        add_lora(teacher.backbone, lora_rank, STUDENT_ADAPTER)
+        return Denoiser(teacher.backbone, teacher.schedule, teacher.prediction_type, adapter=STUDENT_ADAPTER)
+    backbone = teacher.make_student() if teacher.make_student is not None else base_copy(teacher.backbone).float()
     return teacher.denoiser(backbone.requires_grad_(True).train())
+
+
+STUDENT_ADAPTER = "student"
 
 
 class TorchRandom:

@@ -21,7 +21,8 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from diffdistill.backbones import feature_module
 from diffdistill.config import ConfigError, load_recipe
-from diffdistill.scores import LORA_TARGETS, GANHead
+from diffdistill.denoiser import LORA_TARGETS
+from diffdistill.scores import GANHead
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -16,15 +16,13 @@ Scores are returned as x0 predictions; ``param.score_from_x0`` turns one into a 
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from diffdistill.backbones import feature_module
 from diffdistill.conditioning import cond_cat
-from diffdistill.denoiser import Denoiser, native_from_x0
+from diffdistill.denoiser import Denoiser, add_lora, base_copy, native_from_x0
 from diffdistill.schedules import add_noise
 
 
@@ -57,25 +55,16 @@ def make_critic(teacher, lora_rank: int = 0, lora_alpha: float | None = None, sh
     (``Teacher.denoiser()``), the fake score with them on. ``share_teacher=False`` puts them on a
     frozen copy instead (Phased DMD's several critics, one per expert)."""
     if lora_rank <= 0:
-        backbone = teacher.make_critic() if teacher.make_critic is not None else copy.deepcopy(teacher.backbone)
+        backbone = teacher.make_critic() if teacher.make_critic is not None else base_copy(teacher.backbone)
         return teacher.denoiser(backbone.train().float().requires_grad_(True))
     if teacher.make_critic is not None:  # a toy teacher builds its critic fresh
         backbone = teacher.make_critic()
     else:
-        backbone = teacher.backbone if share_teacher else copy.deepcopy(teacher.backbone)
+        backbone = teacher.backbone if share_teacher else base_copy(teacher.backbone)
     if backbone is not teacher.backbone:
         backbone.train()
-    backbone.requires_grad_(False)
-    names = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
-    targets = [t for t in LORA_TARGETS if any(name.endswith(t) for name in names)]
-    if not targets:
-        raise ValueError(f"no attention projections ({', '.join(LORA_TARGETS)}) in {type(backbone).__name__} to put LoRA on; use a full critic (critic_lora_rank=0)")
-    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=targets, init_lora_weights="gaussian")
-    inject_adapter_in_model(config, backbone, adapter_name=adapter)
+    add_lora(backbone, lora_rank, adapter, lora_alpha)
     return Denoiser(backbone, teacher.schedule, teacher.prediction_type, adapter=adapter)
-
-
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA scripts
 
 
 class FeatureTap:

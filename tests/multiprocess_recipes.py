@@ -18,8 +18,10 @@ from diffdistill.run import build_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["batch_size=2", "checkpoint_every=1000", "sample_every=0", "log_every=1", "resume=false", "mixed_precision=no"]
-# Memory tiers on top of a recipe: the shared-teacher LoRA critic, gradient checkpointing, a bf16 teacher.
-TIERS = {"dmd2_tiers": ("dmd2", ["method.critic_lora_rank=4", "gradient_checkpointing=true", "teacher_dtype=bfloat16"])}
+# Memory tiers on top of a recipe: a LoRA student and a LoRA critic on one shared teacher, gradient
+# checkpointing, a bf16 teacher.
+TIERS = {"dmd2_tiers": ("dmd2", ["method.student_lora_rank=4", "method.critic_lora_rank=4", "gradient_checkpointing=true",
+                                 "teacher_dtype=bfloat16"])}
 SMALL_PAIRS = {"regression_pairs": ["method.regression_pairs=4", "method.regression_steps=2"], "pairs": ["method.pairs=4", "method.ode_steps=2"]}
 
 

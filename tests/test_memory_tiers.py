@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffdistill.config import ConfigError, load_recipe
+from diffdistill.export import export_run, load_student
 from diffdistill.run import build_trainer
 from diffdistill.teachers import resolve_teacher
 
@@ -88,3 +90,63 @@ def test_bad_tier_settings_name_the_fix(tmp_path, monkeypatch):
         trainer_for(tmp_path, "optimizer=sgd")
     with pytest.raises(ConfigError, match="drop cpu_offload"):
         trainer_for(tmp_path, "cpu_offload=true", "parallel=fsdp")
+
+
+def storages(module) -> set:
+    return {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+
+def test_lora_student_and_critic_share_one_teacher_train_apart_and_export_as_a_lora(tmp_path):
+    trainer = trainer_for(tmp_path / "run", "method.student_lora_rank=4", "method.critic_lora_rank=4", "max_steps=6", "ema_decay=0.5")
+    teacher, nets = trainer.teacher, trainer.method.nets
+    student, critic = nets["generator"], nets["critic"]
+    assert student.backbone is critic.backbone is teacher.backbone  # one network in the process, three roles
+    assert storages(student) == storages(critic) == storages(teacher.backbone)
+    own = {name: {id(p) for p in params} for name, params in trainer.trained.items()}
+    assert own["generator"] and own["critic"] and not own["generator"] & own["critic"]  # each optimizer steps its own adapter
+    reference = probe(resolve_teacher("tiny:unet").denoiser())
+    trainer.fit()
+    torch.testing.assert_close(probe(teacher.denoiser()), reference, rtol=0, atol=0)  # adapters off: the teacher, bit for bit
+    assert (probe(student) - reference).abs().max() > 1e-6 and (probe(student) - probe(critic)).abs().max() > 1e-6
+
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000006" / "net-generator.safetensors"))
+    assert saved and all(".lora_" in k and ".student." in k for k in saved)  # the adapter, not a copy of the teacher
+    assert set(load_file(str(tmp_path / "run" / "checkpoints" / "step-00000006" / "ema-generator.safetensors"))) == set(saved)
+
+    loaded = load_student(tmp_path / "run", ema=False)
+    torch.testing.assert_close(probe(loaded.denoiser()), probe(student), rtol=1e-5, atol=1e-5)  # merged W + BA = the student
+    info = export_run(tmp_path / "run", tmp_path / "lora", fmt="lora", ema=False)
+    assert info["source"] == "adapters" and info["max_abs_output_diff"] < 1e-4  # the adapters as trained, applied by diffusers
+
+
+def test_lora_student_on_a_full_critic_and_the_methods_that_need_a_full_student(tmp_path):
+    trainer = trainer_for(tmp_path, "method.student_lora_rank=4", "max_steps=2")
+    critic = trainer.method.nets["critic"]
+    assert not storages(critic) & storages(trainer.teacher.backbone)  # the critic is a full copy ...
+    assert not any("lora_" in n for n, _ in critic.named_parameters())  # ... of the teacher alone, not of its student's adapters
+    trainer.fit()
+    with pytest.raises(ConfigError, match="trains a full student.*dmd2"):
+        build_trainer(load_recipe(ROOT / "recipes" / "tiny" / "cd.yaml", [f"out={tmp_path / 'cd'}", "method.student_lora_rank=4"]))
+
+
+def input_gradient(denoiser) -> torch.Tensor:
+    g, cfg = torch.Generator().manual_seed(4), denoiser.backbone.config
+    x = torch.randn((2, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=g).requires_grad_(True)
+    cond = {"encoder_hidden_states": torch.randn(2, 7, cfg.cross_attention_dim, generator=g)}
+    out = denoiser(x, torch.tensor([500.0, 900.0]), cond)
+    return torch.autograd.grad(out.square().sum(), x)[0]
+
+
+def test_checkpointed_blocks_recompute_with_their_own_adapters(tmp_path):
+    """Teacher, LoRA student and LoRA critic share one checkpointed base: each backward (the teacher's
+    input gradient for SiD/SIM, the student's, the critic's) recomputes blocks with the adapters set
+    as in its own forward, so checkpointing changes no gradient."""
+    trainer = trainer_for(tmp_path, "method.student_lora_rank=4", "method.critic_lora_rank=4", "gradient_checkpointing=true", "max_steps=3")
+    trainer.fit()  # adapters no longer zero
+    roles = [trainer.teacher.denoiser(), trainer.method.nets["generator"], trainer.method.nets["critic"]]
+    checkpointed = [input_gradient(role) for role in roles]
+    trainer.teacher.backbone.disable_gradient_checkpointing()
+    plain = [input_gradient(role) for role in roles]
+    assert (plain[0] - plain[1]).abs().max() > 1e-4 and (plain[1] - plain[2]).abs().max() > 1e-4  # three different functions
+    for a, b in zip(checkpointed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

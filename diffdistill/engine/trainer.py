@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from diffdistill.conditioning import PromptCache, encode_prompts
+from diffdistill.denoiser import OwnState, adapter_checkpointing
 from diffdistill.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from diffdistill.ema import EMA
 from diffdistill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -38,7 +39,11 @@ def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
 
 
 def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
+    """The parameters a net trains: its own (a LoRA net's adapter, not the teacher it sits on,
+    nor another net's adapter on the same weights) that require gradients."""
+    module = _unwrap(module)
+    owns = getattr(module, "owns", lambda name: True)
+    return [p for name, p in module.named_parameters() if p.requires_grad and owns(name)]
 
 
 def _unwrap(module):
@@ -93,7 +98,7 @@ def enable_gradient_checkpointing(nets: list) -> None:
         names = ", ".join(sorted({type(b).__name__ for b in backbones}))
         raise ConfigError(f"gradient_checkpointing: no trained backbone here ({names}) supports it; drop gradient_checkpointing=true")
     for backbone in able:
-        backbone.enable_gradient_checkpointing()
+        backbone.enable_gradient_checkpointing(adapter_checkpointing(backbone))
 
 
 def place_teacher(teacher, device) -> None:
@@ -128,9 +133,11 @@ class Trainer:
             if name not in self.trained and not (self.sharded and id(net) in ema_copies):
                 method.nets[name] = net.to(acc.device)
             elif self.sharded:
-                method.nets[name] = shard(net.to(acc.device), cfg.mixed_precision, cfg.cpu_offload)
+                if not is_sharded(net):  # LoRA student and LoRA critic may share (and so have sharded) the teacher
+                    shard(net.to(acc.device), cfg.mixed_precision, cfg.cpu_offload)
             else:
-                method.nets[name] = acc.prepare_model(net)
+                with self._frozen_except(name):  # DDP reduces what requires grad when it wraps: this net's own only
+                    method.nets[name] = acc.prepare_model(net)
         if self.sharded and cfg.shard_teacher and not is_sharded(self.teacher.backbone):  # a LoRA critic may have sharded it
             shard(self.teacher.backbone)  # frozen: gathered block by block for its forward passes, in its own dtype
         self.optimizers = {}
@@ -138,7 +145,7 @@ class Trainer:
             opt_cfg = cfg.optim if phase == "generator" else cfg.critic_optim
             params = [p for name in method.phase_nets(phase) for p in _trainable(method.nets[name])]
             self.optimizers[phase] = acc.prepare_optimizer(make_optimizer(cfg.optimizer, params, opt_cfg))
-        self.emas = {"generator": EMA(_unwrap(method.nets["generator"]), cfg.ema_decay)} if cfg.ema_decay > 0 else {}
+        self.emas = {"generator": EMA(OwnState(_unwrap(method.nets["generator"])), cfg.ema_decay)} if cfg.ema_decay > 0 else {}
         # A method's own EMA targets (LCM's target network: a module it updates in ``after_step``),
         # saved and restored with the checkpoint like the generator's EMA; the trainer never updates them.
         self.emas.update(getattr(method, "ema_targets", {}))
@@ -169,6 +176,18 @@ class Trainer:
         for name in names:
             stack.enter_context(self.accelerator.no_sync(self.method.nets[name]))
         return stack
+
+    @contextlib.contextmanager
+    def _frozen_except(self, keep: str):
+        """Every trained net's parameters but ``keep``'s frozen for the duration."""
+        others = [p for name, params in self.trained.items() if name != keep for p in params]
+        for p in others:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in others:
+                p.requires_grad_(True)
 
     @contextlib.contextmanager
     def _reading_only(self, stepped: list[str]):
@@ -215,7 +234,7 @@ class Trainer:
             for net in method.nets.values():
                 reshard(net)
         if phase == "generator" and "generator" in self.emas:
-            self.emas["generator"].update(_unwrap(method.nets["generator"]))
+            self.emas["generator"].update(OwnState(_unwrap(method.nets["generator"])))
         if hasattr(method, "after_step"):  # the one hook after an optimizer step (LCM's EMA target follows the student)
             method.after_step(step)
         mean_loss = acc.reduce(loss.detach(), reduction="mean").item()  # log the global batch's loss
@@ -235,7 +254,7 @@ class Trainer:
 
     def _state_views(self) -> tuple[dict, dict, dict]:
         """What a checkpoint holds: trained nets, EMAs, optimizers; under FSDP seen as full tensors."""
-        nets = {k: _unwrap(self.method.nets[k]) for k in self.trained}
+        nets = {k: OwnState(_unwrap(self.method.nets[k])) for k in self.trained}
         optimizers = {k: opt.optimizer for k, opt in self.optimizers.items()}
         if not self.sharded:
             return nets, dict(self.emas), optimizers

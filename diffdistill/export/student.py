@@ -140,6 +140,8 @@ def load_into_backbone(teacher: Teacher, state: dict, source: str) -> tuple[torc
     base, adapters = split_lora(state)
     backbone = copy.deepcopy(teacher.backbone).float()
     own = backbone.state_dict()
+    if adapters and not base:  # a LoRA student's checkpoint holds its adapters alone: the base is the teacher
+        base = dict(own)
     missing = sorted(set(own) - set(base))
     unexpected = sorted(set(base) - set(own))
     shapes = [f"{k}: {tuple(base[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(base) & set(own)) if base[k].shape != own[k].shape]

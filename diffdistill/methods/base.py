@@ -68,6 +68,10 @@ def method_options(spec: dict):
     hints = __import__("typing").get_type_hints(options_cls)
     kwargs = {}
     for key, value in spec.items():
+        if key == "student_lora_rank" and key not in fields:
+            takers = ", ".join(sorted(n for n, (cls, _) in METHODS.items() if "student_lora_rank" in {f.name for f in dataclasses.fields(cls)}))
+            raise ConfigError(f"method {name} trains a full student, not LoRA adapters on the teacher: drop method.student_lora_rank, "
+                              f"or use a method with LoRA students ({takers})")
         if key not in fields:
             raise unknown_key_error(f"method.{key}", [f"method.{k}" for k in fields], where=f"{name} option")
         kwargs[key] = _coerce(value, hints[key], f"method.{key}")

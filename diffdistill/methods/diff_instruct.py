@@ -39,6 +39,7 @@ class DiffInstructOptions:
     ratio: int = 1                         # fake-score updates per generator update (Diff-Instruct: 1)
     critic_loss: str = "native"            # native (eps-MSE for SD) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as the fake score
+    student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
 
 
 @register_method("diff_instruct", DiffInstructOptions)
@@ -46,6 +47,7 @@ def build_diff_instruct(options: DiffInstructOptions, teacher, train_cfg, prompt
     method = FDistill(FDistillOptions(
         divergence="rkl", gan_weight=0.0, ratio_normalization=False, weight_normalization=False, normalize=False, reduction="sum",
         timesteps=options.timesteps, ratio=options.ratio, critic_loss=options.critic_loss, critic_lora_rank=options.critic_lora_rank,
+        student_lora_rank=options.student_lora_rank,
     ), teacher)
     method.guidance = guidance_from_options(options)
     method.dm_times = method.critic_times = LogNormalTimesteps(options.p_mean, options.p_std)

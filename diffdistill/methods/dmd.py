@@ -115,6 +115,7 @@ class DMDOptions:
     critic_t_range: list[float] = field(default_factory=lambda: [0.0, 0.999])  # critic t (DMD: all of 0..999)
     critic_loss: str = "native"            # native (eps-MSE for SD) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
+    student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     normalize: str = "sample"              # DM gradient normalization: sample (DMD) | batch | none
 
 
@@ -126,7 +127,7 @@ class DMD:
         self.options, self.teacher, self.schedule = options, teacher, teacher.schedule
         t_init = self.schedule.t_max if options.t_init is None else options.t_init
         self.timesteps = check_timesteps(self.schedule, [t_init])
-        self.nets = {"generator": student_denoiser(teacher), "critic": make_critic(teacher, options.critic_lora_rank)}
+        self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
         self.engine = ScoreEngine(teacher, self.nets)
         self.dm_times = default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)

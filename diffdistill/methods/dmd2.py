@@ -40,6 +40,7 @@ class DMD2Options:
     gan_features: str = "critic"           # critic (DMD2) | teacher (FastGen)
     critic_loss: str = "native"            # native (eps-MSE for SD, as DMD2) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
+    student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     normalize: str = "sample"              # DM gradient normalization: sample (DMD2) | batch | none
 
 
@@ -53,7 +54,7 @@ class DMD2:
         timesteps = options.timesteps or [self.schedule.t_max]
         self.timesteps = check_timesteps(self.schedule, timesteps)
         self.default_sample_steps = len(self.timesteps)
-        self.nets = {"generator": student_denoiser(teacher), "critic": make_critic(teacher, options.critic_lora_rank)}
+        self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
         if options.gan_weight > 0:
             self.nets["gan_head"] = self._gan_head()
         self.engine = ScoreEngine(teacher, self.nets, gan_name="gan_head" if options.gan_weight > 0 else None, gan_features=options.gan_features)

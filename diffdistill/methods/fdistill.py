@@ -23,13 +23,12 @@ and without normalization, Diff-Instruct's integral KL (``methods/diff_instruct.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from diffdistill.generator import backward_simulation, check_timesteps, sample_student
+from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
 from diffdistill.guidance import guidance_from_options
 from diffdistill.methods.adversarial import discriminator_loss, drop_nonfinite, make_gan_head, noised, require_real_images
 from diffdistill.methods.base import register_method
@@ -103,6 +102,7 @@ class FDistillOptions:
     reduction: str = "mean"                # mean (VSD: dL/dx = g / numel) | sum (Diff-Instruct: dL/dx = g)
     critic_loss: str = "native"            # native (eps-MSE for SD) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
+    student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
 
 
 class FDistill:
@@ -120,8 +120,7 @@ class FDistill:
         self.h = F_DIVERGENCES[options.divergence][1]
         self.timesteps = check_timesteps(self.schedule, options.timesteps or [self.schedule.t_max])
         self.default_sample_steps = len(self.timesteps)
-        generator = teacher.make_student() if teacher.make_student else copy.deepcopy(teacher.backbone)
-        self.nets = {"generator": teacher.denoiser(generator.requires_grad_(True).train()), "critic": make_critic(teacher, options.critic_lora_rank)}
+        self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
         self.needs_ratio = options.divergence != "rkl"
         if self.needs_ratio or options.gan_weight > 0:
             self.nets["gan_head"] = make_gan_head(teacher, self.nets["critic"], options.gan_features)

@@ -19,6 +19,7 @@ class KDOptions:
     t_init: float | None = None            # the student's timestep; None: the schedule's end
     pairs: int = 1024                      # teacher ODE pairs kept in memory
     ode_steps: int = 50                    # DDIM steps of the teacher ODE sampler
+    student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
 
 
 class KD:
@@ -28,7 +29,7 @@ class KD:
     def __init__(self, options: KDOptions, teacher, prompts, seed: int):
         self.options, self.teacher, self.schedule = options, teacher, teacher.schedule
         self.timesteps = check_timesteps(self.schedule, [self.schedule.t_max if options.t_init is None else options.t_init])
-        self.nets = {"generator": student_denoiser(teacher)}
+        self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank)}
         self.pairs = make_regression_pairs(teacher, prompts, options.pairs, options.ode_steps, options.guidance, seed)
 
     def phase(self, step: int) -> str:

@@ -37,12 +37,11 @@ The fake score trains by denoising score matching, one update before each genera
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 
-from diffdistill.generator import check_timesteps, generate, sample_student
+from diffdistill.generator import check_timesteps, generate, sample_student, student_denoiser
 from diffdistill.guidance import guidance_from_options
 from diffdistill.methods.adversarial import (discriminator_loss, drop_nonfinite, generator_gan_loss, make_gan_head, noised,
                                              require_real_images)
@@ -122,6 +121,7 @@ class SiDOptions:
     critic_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # fake-score t (SiD-LSG: U{20..979})
     critic_loss: str = "native"            # native (eps-MSE, SiD-LSG) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as the fake score
+    student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     ratio: int = 1                         # fake-score updates per generator update (SiD: 1, fake first)
     normalize: bool = True                 # per-sample 1 / sg(mean|x - D_r|); false: w = 1
     gan_weight: float = 0.0                # SiDA: weight of softplus(-l) on the generator; 0: data-free SiD
@@ -142,8 +142,7 @@ class SiD:
         self.timesteps = check_timesteps(self.schedule, options.timesteps or [self.schedule.t_max])
         self.default_sample_steps = len(self.timesteps)
         self.input_scale = float(self.schedule.sigma(torch.tensor([self.timesteps[0]]))) if options.scale_input else 1.0
-        generator = teacher.make_student() if teacher.make_student else copy.deepcopy(teacher.backbone)
-        self.nets = {"generator": teacher.denoiser(generator.requires_grad_(True).train()), "critic": make_critic(teacher, options.critic_lora_rank)}
+        self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
         if options.gan_weight > 0:
             self.nets["gan_head"] = make_gan_head(teacher, self.nets["critic"], options.gan_features)
         self.engine = ScoreEngine(teacher, self.nets, gan_name="gan_head" if options.gan_weight > 0 else None, gan_features=options.gan_features)

@@ -25,12 +25,11 @@ fake score trains by denoising score matching.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 
-from diffdistill.generator import backward_simulation, check_timesteps, sample_student
+from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
 from diffdistill.guidance import guidance_from_options
 from diffdistill.methods.adversarial import drop_nonfinite
 from diffdistill.methods.base import register_method
@@ -82,6 +81,7 @@ class SIMOptions:
     critic_t_range: list[float] = field(default_factory=lambda: [0.0, 0.999])  # fake-score t
     critic_loss: str = "native"            # native (eps-MSE for SD) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as the fake score
+    student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     ratio: int = 1                         # fake-score updates per generator update
 
 
@@ -97,8 +97,7 @@ class SIM:
         self.guidance = guidance_from_options(options)
         self.timesteps = check_timesteps(self.schedule, options.timesteps or [self.schedule.t_max])
         self.default_sample_steps = len(self.timesteps)
-        generator = teacher.make_student() if teacher.make_student else copy.deepcopy(teacher.backbone)
-        self.nets = {"generator": teacher.denoiser(generator.requires_grad_(True).train()), "critic": make_critic(teacher, options.critic_lora_rank)}
+        self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
         self.engine = ScoreEngine(teacher, self.nets)
         self.loss_times = default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)
