@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from diffdistill.conditioning import PromptCache, encode_prompts
-from diffdistill.denoiser import OwnState, adapter_checkpointing
 from diffdistill.config import ConfigError, TrainConfig, dump_yaml, to_dict
+from diffdistill.denoiser import OwnState, adapter_checkpointing
 from diffdistill.ema import EMA
 from diffdistill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffdistill.engine.logging import append_metrics, save_grid, tensorboard_available

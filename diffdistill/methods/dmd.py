@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from diffdistill.conditioning import encode_prompts
-from diffdistill.randomness import derive_seed
 from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
 from diffdistill.methods.base import register_method
+from diffdistill.randomness import derive_seed
 from diffdistill.sampling import ddim_sample
 from diffdistill.schedules import UniformTimesteps, add_noise
 from diffdistill.scores import ScoreEngine, critic_phase_loss, make_critic
