@@ -4,6 +4,7 @@ FSDP runs here exactly as on GPUs, through PyTorch's ``fully_shard`` with the gl
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from diffdistill.config import ConfigError, load_recipe
-from diffdistill.run import train
+from diffdistill.engine.checkpoint import optimizer_to_flat, read_state
+from diffdistill.run import build_trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DMD2 = ROOT / "recipes" / "tiny" / "dmd2.yaml"
@@ -37,8 +39,20 @@ def train_two(out: Path, port: int, *overrides: str) -> Path:
 
 
 def checkpoint(run: Path, step: int) -> dict:
+    """Every saved state dict, whole: from its file (unsharded) or its folder of shards (FSDP)."""
     folder = run / "checkpoints" / f"step-{step:08d}"
-    return {f.stem: load_file(str(f)) for f in folder.glob("*.safetensors") if f.stem != "rng"}
+    saved = [p for p in folder.iterdir() if p.is_dir() or p.suffix == ".safetensors" and p.stem != "rng"]
+    return {p.name.removesuffix(".safetensors"): read_state(p) for p in saved}
+
+
+def shard_sizes(folder: Path) -> list[int]:
+    """The number of elements each process's shard file holds."""
+    sizes = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names = f.keys()  # a safetensors handle, not a dict: it does not iterate
+            sizes.append(sum(math.prod(f.get_slice(name).get_shape()) for name in names))
+    return sizes
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -54,10 +68,16 @@ def test_every_tiny_recipe_runs_each_phase_on_two_processes(parallel, tmp_path):
 
 
 def test_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path):
-    one = train(load_recipe(DMD2, [f"out={tmp_path / 'one'}", "max_steps=4", "checkpoint_every=100", *FAST]))
-    whole = train_two(tmp_path / "fsdp", 29543, "parallel=fsdp", "max_steps=4", "checkpoint_every=2")
+    ema = "ema_decay=0.9"  # so an EMA is sharded, resumed and exported too
+    one = train(load_recipe(DMD2, [f"out={tmp_path / 'one'}", "max_steps=4", "checkpoint_every=100", ema, *FAST]))
+    whole = train_two(tmp_path / "fsdp", 29543, "parallel=fsdp", "max_steps=4", "checkpoint_every=2", ema)
     a, b = checkpoint(one, 4), checkpoint(whole, 4)
-    assert sorted(a) == sorted(b) and all(sorted(a[f]) == sorted(b[f]) for f in a)  # the one checkpoint format
+    assert sorted(a) == sorted(b) and all(sorted(a[f]) == sorted(b[f]) for f in a)  # the same state dicts and keys
+    # written sharded: each process wrote its own file per state dict, holding part of it, and together all of it once
+    for name, state in b.items():
+        sizes, whole_size = shard_sizes(whole / "checkpoints" / "step-00000004" / name), sum(v.numel() for v in state.values())
+        assert len(sizes) == 2 and max(sizes) < whole_size and sum(sizes) == whole_size, (name, sizes, whole_size)
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["latest", "step-00000002", "step-00000004"]
     # Gradients agree to float rounding (the reduce-scatter sums in another order). Adam divides by
     # sqrt(v), so a near-zero gradient's rounding can move a weight by up to lr per step: over 4 steps
     # at lr 1e-5 no weight may differ by more than 4e-5, and the typical weight far less.
@@ -70,14 +90,20 @@ def test_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(whole / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
     (resumed / "checkpoints" / "latest").write_text("step-00000002")
-    train_two(resumed, 29544, "parallel=fsdp", "max_steps=4", "checkpoint_every=2")
+    train_two(resumed, 29544, "parallel=fsdp", "max_steps=4", "checkpoint_every=2", ema)
     c = checkpoint(resumed, 4)
     for name in b:
         assert all(torch.equal(b[name][k], c[name][k]) for k in b[name]), name
 
-    # the sharded run's checkpoint resumes on one process, and exports as an unsharded run does
-    train(load_recipe(DMD2, [f"out={resumed}", "max_steps=6", "checkpoint_every=100", *FAST]))
-    assert (resumed / "checkpoints" / "step-00000006").is_dir()
+    # the sharded run's checkpoint resumes on one process, whole, and exports as an unsharded run does
+    single = build_trainer(load_recipe(DMD2, [f"out={resumed}", "max_steps=6", "checkpoint_every=100", ema, *FAST]))
+    assert single.resume() == 4
+    assert all(torch.equal(v, c["net-generator"][k]) for k, v in single.method.nets["generator"].state_dict().items())
+    assert all(torch.equal(v, c["ema-generator"][k]) for k, v in single.emas["generator"].state_dict().items())
+    moments = optimizer_to_flat(single.optimizers["critic"].optimizer)[0]
+    assert sorted(moments) == sorted(c["optim-critic"]) and all(torch.equal(moments[k], c["optim-critic"][k]) for k in moments)
+    single.fit()
+    assert (resumed / "checkpoints" / "step-00000006" / "net-generator.safetensors").is_file()
     from diffdistill.export import export_run
 
     for run in (one, whole):

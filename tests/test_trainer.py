@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffdistill.config import load_recipe
+from diffdistill.ema import EMA
 from diffdistill.engine import checkpoint as ckpt
 from diffdistill.engine.trainer import TrainingDiverged
 from diffdistill.run import build_trainer, train
@@ -100,6 +101,44 @@ def test_optimizer_state_round_trips_without_pickle():
     assert other.param_groups[0]["lr"] == 1e-3
     for a, b in zip(opt.state.values(), other.state.values()):
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def _stepped_linear(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_sharded_layout_round_trips_on_one_process(tmp_path):
+    """The sharded layout (a folder of safetensors shards per state dict, no pickle) written and read
+    back without a process group: whole by read_state, and into a fresh model and optimizer."""
+    model, opt = _stepped_linear(0)
+    ema = EMA(model, 0.9)
+    path = ckpt.save_checkpoint(tmp_path, 3, {"g": model}, {"g": ema}, {"g": opt}, {"note": 1}, sharded=True)
+    assert sorted(p.name for p in (path / "net-g").iterdir()) == ["shard-00001-model-00001-of-00001.safetensors"]
+    assert not list(path.rglob("*.metadata")) and not list(path.rglob("*.pt"))  # nothing pickled
+    assert_same(ckpt.read_state(ckpt.saved_state(path, "net-g")), model.state_dict())
+    fresh, _ = _stepped_linear(1)
+    fresh_ema = EMA(fresh, 0.9)
+    state = ckpt.load_checkpoint(path, {"g": fresh}, {"g": fresh_ema}, {"g": torch.optim.AdamW(fresh.parameters(), lr=5.0)})
+    assert state["step"] == 3 and state["note"] == 1
+    assert_same(fresh.state_dict(), model.state_dict())
+    assert_same(fresh_ema.state_dict(), ema.state_dict())
+    restored = torch.optim.AdamW(fresh.parameters(), lr=5.0)
+    ckpt.load_checkpoint(path, {}, {}, {"g": restored})
+    assert restored.param_groups[0]["lr"] == 1e-3
+    assert_same(ckpt.optimizer_to_flat(restored)[0], ckpt.optimizer_to_flat(opt)[0])
+
+
+def test_pruning_keeps_the_checkpoint_latest_names(tmp_path):
+    model, opt = _stepped_linear(0)
+    for step in (4, 6, 2):  # a run restarted from scratch in an old folder writes step 2 last
+        ckpt.save_checkpoint(tmp_path, step, {"g": model}, {}, {"g": opt}, {}, keep=2)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000002"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000006"]
 
 
 def test_run_folder_holds_resolved_config_and_grid(tmp_path):

@@ -4,6 +4,12 @@ A checkpoint is written into a hidden temporary folder and renamed into place; o
 ``latest`` pointer replaced (also by rename). A crash mid-write leaves at most a stray temporary
 folder, never a half checkpoint named as the latest. Optimizer states are flattened to
 ``"<param index>.<name>"`` tensors plus their JSON ``param_groups``.
+
+Two layouts of the same keys. Unsharded (one process, DDP): the main process writes each state
+dict as one file, ``net-generator.safetensors``. Sharded (``parallel: fsdp``): every process writes
+its own shards into a folder, ``net-generator/`` (see :mod:`.sharded_checkpoint`), and the main
+process renames the checkpoint into place once all have finished. Either layout loads onto any
+number of processes, sharded or not; :func:`read_state` reads either whole on one process.
 """
 
 from __future__ import annotations
@@ -16,6 +22,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from diffdistill.engine.sharded_checkpoint import (
+    barrier,
+    is_main_process,
+    optimizer_params,
+    optimizer_targets,
+    read_shards,
+    read_whole,
+    saved_layout,
+    write_shards,
+)
+from diffdistill.engine.sharding import shard_like
 
 LATEST = "latest"
 
@@ -67,34 +85,77 @@ def restore_rng(tensors: dict, meta: dict) -> None:
     random.setstate((version, tuple(state), gauss))
 
 
-def save_checkpoint(run_dir: Path, step: int, nets: dict, emas: dict, optimizers: dict, state: dict, keep: int = 2) -> Path:
-    """Writes checkpoints/step-XXXXXXXX atomically, points ``latest`` at it, prunes old ones."""
+def save_checkpoint(run_dir: Path, step: int, nets: dict, emas: dict, optimizers: dict, state: dict, keep: int = 2,
+                    sharded: bool = False) -> Path:
+    """Writes checkpoints/step-XXXXXXXX atomically, points ``latest`` at it, prunes old ones.
+    Unsharded, the main process alone calls it; ``sharded``, every process does (a collective)."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    main = is_main_process() if sharded else True
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier write of this step
+        tmp.mkdir()
+    if sharded:
+        barrier()  # the fresh folder exists before any process writes into it
+        _write_shards(tmp, nets, emas, optimizers)
+    else:
+        _write_whole(tmp, nets, emas, optimizers)
+    if main:
+        for key, optimizer in optimizers.items():
+            _write_json(tmp / f"optim-{key}.json", optimizer_to_flat(optimizer)[1])
+        tensors, meta = rng_state()
+        _save_tensors(tmp / "rng.safetensors", tensors)
+        _write_json(tmp / "state.json", {**state, "step": step, "rng": meta})
+    if sharded:
+        barrier()  # every process's shards are on disk before the checkpoint becomes visible
+    if main:
+        _publish(root, tmp, name, keep)
+    if sharded:
+        barrier()  # no process goes on (or resumes) before ``latest`` names the new checkpoint
+    return root / name
+
+
+def _write_whole(folder: Path, nets: dict, emas: dict, optimizers: dict) -> None:
     for key, module in nets.items():
-        _save_tensors(tmp / f"net-{key}.safetensors", module.state_dict())
+        _save_tensors(folder / f"net-{key}.safetensors", module.state_dict())
     for key, ema in emas.items():
-        _save_tensors(tmp / f"ema-{key}.safetensors", ema.state_dict())
+        _save_tensors(folder / f"ema-{key}.safetensors", ema.state_dict())
     for key, optimizer in optimizers.items():
-        tensors, meta = optimizer_to_flat(optimizer)
-        _save_tensors(tmp / f"optim-{key}.safetensors", tensors)
-        _write_json(tmp / f"optim-{key}.json", meta)
-    tensors, meta = rng_state()
-    _save_tensors(tmp / "rng.safetensors", tensors)
-    _write_json(tmp / "state.json", {**state, "step": step, "rng": meta})
+        _save_tensors(folder / f"optim-{key}.safetensors", optimizer_to_flat(optimizer)[0])
+
+
+def _write_shards(folder: Path, nets: dict, emas: dict, optimizers: dict) -> None:
+    """Each process writes its shards of every state dict: one folder each, a file per process."""
+    for key, module in nets.items():
+        write_shards(folder / f"net-{key}", module.state_dict())
+    for key, ema in emas.items():
+        write_shards(folder / f"ema-{key}", ema.state_dict())
+    for key, optimizer in optimizers.items():
+        write_shards(folder / f"optim-{key}", optimizer_to_flat(optimizer)[0])
+
+
+def _publish(root: Path, tmp: Path, name: str, keep: int) -> None:
+    """Renames the finished folder into place, then points ``latest`` at it, then prunes."""
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = root / f".tmp-{LATEST}"
     pointer.write_text(name)
     os.replace(pointer, root / LATEST)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
+    prune(root, keep)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keeps the checkpoint ``latest`` names and the ``keep - 1`` newest others; deletes the rest.
+    (A run restarted from scratch in an old folder writes lower steps than the old ones.)"""
+    if keep <= 0:
+        return
+    latest = (root / LATEST).read_text().strip()
+    others = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != latest)
+    for old in others[:len(others) - (keep - 1)]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -105,16 +166,51 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
+def saved_state(checkpoint: Path, name: str) -> Path | None:
+    """Where state dict ``name`` (``net-generator``, ``ema-generator``, ...) lies in a checkpoint:
+    its file (unsharded) or its folder of shards (sharded); None if the checkpoint has neither."""
+    for path in (checkpoint / f"{name}.safetensors", checkpoint / name):
+        if path.exists():
+            return path
+    return None
+
+
+def read_state(path: Path) -> dict:
+    """A saved state dict (a :func:`saved_state` path of either layout) as whole tensors, on one process."""
+    return read_whole(path) if path.is_dir() else load_file(str(path))
+
+
+def _read_into(checkpoint: Path, name: str, live: dict) -> dict:
+    """State dict ``name`` laid out as ``live`` is: a sharded checkpoint is read straight into
+    ``live``'s tensors (each process reads only its shards); an unsharded one is read whole by
+    every process, and under FSDP split as ``live`` is."""
+    folder = checkpoint / name
+    if folder.is_dir():
+        return read_shards(folder, live)
+    return {k: shard_like(v, live.get(k)) for k, v in load_file(str(checkpoint / f"{name}.safetensors")).items()}
+
+
+def _read_optimizer(checkpoint: Path, name: str, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer's saved ``"<param index>.<name>"`` tensors, laid out as its parameters are."""
+    folder = checkpoint / name
+    if folder.is_dir():
+        return read_shards(folder, optimizer_targets(optimizer, saved_layout(folder)))
+    whole = load_file(str(checkpoint / f"{name}.safetensors"))
+    params = optimizer_params(optimizer, whole)
+    return {k: shard_like(v, params[k]) if v.shape == params[k].shape else v for k, v in whole.items()}
+
+
 def load_checkpoint(path: Path, nets: dict, emas: dict, optimizers: dict) -> dict:
-    """Restores modules, EMAs, optimizers and RNG in place; returns the saved ``state.json``."""
+    """Restores modules, EMAs, optimizers and RNG in place; returns the saved ``state.json``.
+    Every process calls it; it reads either layout, written by any number of processes."""
     path = Path(path)
     for key, module in nets.items():
-        module.load_state_dict(load_file(str(path / f"net-{key}.safetensors")))
+        module.load_state_dict(_read_into(path, f"net-{key}", module.state_dict()))
     for key, ema in emas.items():
-        ema.load_state_dict(load_file(str(path / f"ema-{key}.safetensors")))
+        ema.load_state_dict(_read_into(path, f"ema-{key}", ema.state_dict()))
     for key, optimizer in optimizers.items():
         meta = json.loads((path / f"optim-{key}.json").read_text())
-        optimizer_from_flat(optimizer, load_file(str(path / f"optim-{key}.safetensors")), meta)
+        optimizer_from_flat(optimizer, _read_optimizer(path, f"optim-{key}", optimizer), meta)
     state = json.loads((path / "state.json").read_text())
     restore_rng(load_file(str(path / "rng.safetensors")), state["rng"])
     return state

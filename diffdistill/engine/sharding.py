@@ -7,14 +7,12 @@ weights at a time for compute. Parameters stay float32 (the optimizer's master w
 teacher is replicated (optionally in low precision, ``teacher_dtype``) or, with ``shard_teacher``,
 sharded the same way. ``cpu_offload`` keeps the shards (and so the optimizer state) in host memory.
 
-Checkpoints stay in the one format every run writes (:mod:`diffdistill.engine.checkpoint`): full
-tensors, gathered here before the main process writes them and split again on load. So a
-checkpoint written by N processes resumes on M, and ``diffdistill export`` reads it on one CPU.
+Checkpoints are written sharded (:mod:`diffdistill.engine.checkpoint`): each process writes its
+own shards and no process ever holds a whole state. A checkpoint written by N processes resumes
+on M, sharded or not, and ``diffdistill export`` reads it on one CPU.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -88,65 +86,12 @@ def full_tensor(value):
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def gather_state(state: dict, keep: bool = True) -> dict:
-    """A (possibly nested) state dict with every shard replaced by its full tensor, in host memory.
-    Every process must call it; with ``keep=False`` a process drops each tensor once gathered, so
-    only the writing process ever holds the whole state."""
-    gathered = {}
-    for key, value in state.items():
-        if isinstance(value, dict):
-            gathered[key] = gather_state(value, keep)
-        elif torch.is_tensor(value):
-            value = full_tensor(value)
-            if keep:
-                gathered[key] = value.cpu()
-        else:
-            gathered[key] = value
-    return gathered
-
-
 def shard_like(full: torch.Tensor, reference):
-    """``full`` split as ``reference`` is (a DTensor's mesh and placements), or unchanged."""
+    """``full`` split as ``reference`` is (a DTensor's mesh and placements), or unchanged: how an
+    unsharded checkpoint resumes under FSDP (a collective when it splits)."""
     if isinstance(reference, DTensor):
         return distribute_tensor(full.to(reference.dtype), reference.device_mesh, reference.placements)
     return full
 
 
-class FullState:
-    """A module, EMA or optimizer seen through full tensors: ``state_dict()`` gathers every shard,
-    ``load_state_dict()`` splits full tensors the way the live object holds them. The checkpoint
-    code reads and writes through it exactly as through the object itself."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def state_dict(self, keep: bool = True) -> dict:
-        return gather_state(self.target.state_dict(), keep)
-
-    def load_state_dict(self, state: dict) -> None:
-        if isinstance(self.target, torch.optim.Optimizer):
-            self.target.load_state_dict(self._optimizer_shards(state))
-            return
-        live = self.target.state_dict()
-        self.target.load_state_dict({k: shard_like(v, live.get(k)) for k, v in state.items()})
-
-    def _optimizer_shards(self, state: dict) -> dict:
-        params = [p for group in self.target.param_groups for p in group["params"]]
-        per_param = {}
-        for index, values in state["state"].items():
-            param = params[int(index)]
-            per_param[index] = {k: shard_like(v, param) if k != "step" and torch.is_tensor(v) else v for k, v in values.items()}
-        return {"state": per_param, "param_groups": state["param_groups"]}
-
-
-@dataclass
-class Snapshot:
-    """A state dict gathered ahead of time, handed to the checkpoint writer like a live object."""
-
-    state: dict
-
-    def state_dict(self) -> dict:
-        return self.state
-
-
-__all__ = ["Snapshot", "FullState", "gather_state", "is_sharded", "reshard", "set_gradient_sync", "shard", "shard_units"]
+__all__ = ["full_tensor", "is_sharded", "reshard", "set_gradient_sync", "shard", "shard_like", "shard_units"]

@@ -23,7 +23,7 @@ from diffdistill.denoiser import OwnState, adapter_checkpointing
 from diffdistill.ema import EMA
 from diffdistill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffdistill.engine.logging import append_metrics, save_grid, tensorboard_available
-from diffdistill.engine.sharding import FullState, Snapshot, full_tensor, is_sharded, reshard, set_gradient_sync, shard
+from diffdistill.engine.sharding import full_tensor, is_sharded, reshard, set_gradient_sync, shard
 from diffdistill.methods.base import Method
 from diffdistill.randomness import derive_seed, step_random
 from diffdistill.sampling import decode_latents
@@ -253,23 +253,17 @@ class Trainer:
     # ---- side effects -----------------------------------------------------------------------
 
     def _state_views(self) -> tuple[dict, dict, dict]:
-        """What a checkpoint holds: trained nets, EMAs, optimizers; under FSDP seen as full tensors."""
+        """What a checkpoint holds: trained nets (their own tensors), EMAs, optimizers (under FSDP, each process's shards)."""
         nets = {k: OwnState(_unwrap(self.method.nets[k])) for k in self.trained}
         optimizers = {k: opt.optimizer for k, opt in self.optimizers.items()}
-        if not self.sharded:
-            return nets, dict(self.emas), optimizers
-        return tuple({k: FullState(v) for k, v in group.items()} for group in (nets, self.emas, optimizers))
+        return nets, dict(self.emas), optimizers
 
     def checkpoint(self, step: int) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        nets, emas, optimizers = self._state_views()
-        if self.sharded:  # gathering is collective: every process takes part, the main one keeps the tensors
-            nets, emas, optimizers = ({k: Snapshot(v.state_dict(keep=acc.is_main_process)) for k, v in group.items()}
-                                      for group in (nets, emas, optimizers))
-        if acc.is_main_process:
+        if self.sharded or acc.is_main_process:  # sharded, every process writes its own shards
             state = {"config": to_dict(self.cfg), "teacher": self.cfg.teacher, "method": self.cfg.method}
-            save_checkpoint(self.run_dir, step, nets, emas, optimizers, state, self.cfg.keep_checkpoints)
+            save_checkpoint(self.run_dir, step, *self._state_views(), state, self.cfg.keep_checkpoints, sharded=self.sharded)
         acc.wait_for_everyone()
 
     def resume(self) -> int:

@@ -3,7 +3,9 @@
 A run folder (see :mod:`diffdistill.engine.trainer`) holds ``checkpoints/latest`` -> ``step-N/``
 with ``net-generator.safetensors`` (a Denoiser's state dict: keys ``backbone.*``), optionally
 ``ema-generator.safetensors``, and ``state.json`` whose ``config`` is the resolved recipe the
-weights were trained under. Every export format starts from the :class:`Student` built here.
+weights were trained under. A ``parallel: fsdp`` run saves folders of shards instead
+(``net-generator/``, ``ema-generator/``), read whole here on one process. Every export format
+starts from the :class:`Student` built here.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from diffdistill.backbones.loading import CheckpointError, Teacher
 from diffdistill.conditioning import encode_prompts
 from diffdistill.config import TrainConfig, from_dict
-from diffdistill.engine.checkpoint import latest_checkpoint
+from diffdistill.engine.checkpoint import latest_checkpoint, read_state, saved_state
 from diffdistill.generator import check_timesteps, sample_student
 from diffdistill.methods.base import method_options
 from diffdistill.teachers import resolve_teacher
@@ -92,14 +93,15 @@ def _checkpoint(run_dir: Path) -> tuple[Path, dict]:
 
 
 def _weights_file(path: Path, ema: bool | None) -> tuple[Path, bool]:
-    ema_file, net_file = path / "ema-generator.safetensors", path / "net-generator.safetensors"
+    """The generator's saved weights (a file, or a folder of shards) and whether they are the EMA."""
+    ema_saved, net_saved = saved_state(path, "ema-generator"), saved_state(path, "net-generator")
     if ema is None:
-        ema = ema_file.is_file()
-    if ema and not ema_file.is_file():
+        ema = ema_saved is not None
+    if ema and ema_saved is None:
         raise ExportError(f"{path} has no EMA weights (the run had ema_decay=0); export without --ema")
-    chosen = ema_file if ema else net_file
-    if not chosen.is_file():
-        raise ExportError(f"{path} has no generator weights ({chosen.name}); was this run trained with a distillation method?")
+    chosen = ema_saved if ema else net_saved
+    if chosen is None:
+        raise ExportError(f"{path} has no generator weights (net-generator.safetensors); was this run trained with a distillation method?")
     return chosen, ema
 
 
@@ -166,7 +168,7 @@ def load_student(run_dir, *, ema: bool | None = None, teacher: str | None = None
     weights, ema = _weights_file(path, ema)
     loaded_teacher = _resolve_teacher(cfg, teacher)
     timesteps = student_timesteps(cfg.method, loaded_teacher.schedule)
-    raw = load_file(str(weights))
+    raw = read_state(weights)
     if not all(k.startswith("backbone.") for k in raw):
         raise ExportError(f"{weights} is not a generator Denoiser state dict (keys should start with 'backbone.')")
     backbone, adapters = load_into_backbone(loaded_teacher, {k[len("backbone."):]: v for k, v in raw.items()}, str(weights))
