@@ -37,8 +37,9 @@ def build_trainer(cfg: TrainConfig, teacher=None, data=None) -> Trainer:
 def load_recipe_teacher(cfg: TrainConfig, accelerator: Accelerator) -> Teacher:
     """The recipe's teacher. Under several processes with ``load_on_main_only``, a teacher on disk is
     read by the main process alone: the others build it on the meta device and receive its weights by
-    broadcast, before the student and critic are copied from it. So the files are read once, and
-    host memory holds one copy of them instead of one per process (8 x Flux's 24 GB on an 8-GPU node).
+    broadcast, before the student and critic are copied from it. So the files are read once, and the
+    others never hold them in host memory: where loading copies them (a dtype conversion, pickle or
+    original-layout files) a node holds one host copy, not one per GPU (8 x Flux's 24 GB on 8 GPUs).
     A ``tiny:`` teacher is built from its seed on every process: there is nothing to read."""
     read_once = cfg.load_on_main_only and accelerator.num_processes > 1 and not cfg.teacher.startswith("tiny:")
     teacher = resolve_teacher(cfg.teacher, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
