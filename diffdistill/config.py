@@ -48,6 +48,8 @@ class TrainConfig:
     allow_pickle: bool = False         # allow loading pickle checkpoints (they can run code): only for trusted files
     trust_remote_code: bool = False    # allow a pipeline's custom code to run
     teacher_dtype: str = "float32"     # float32 | bfloat16 | float16: precision the frozen teacher is held in
+    load_on_main_only: bool = True     # several processes: only the main one reads the teacher's weights from disk, the
+                                       # others build it on meta and receive them by broadcast (one host copy, one disk read)
     out: str = "runs/run"              # the run folder: config, checkpoints, logs, sample grids
     method: dict = field(default_factory=lambda: {"name": "sft"})  # name + that method's own options
     data: DataConfig = field(default_factory=DataConfig)

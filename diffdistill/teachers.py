@@ -29,7 +29,10 @@ def zoo_path(name: str) -> Path:
     return path
 
 
-def resolve_teacher(spec: str, *, config=None, allow_pickle=False, trust_remote_code=False, seed: int = 0, dtype: str = "float32") -> Teacher:
+def resolve_teacher(spec: str, *, config=None, allow_pickle=False, trust_remote_code=False, seed: int = 0, dtype: str = "float32",
+                    on_meta: bool = False) -> Teacher:
+    """``on_meta``: a teacher read from disk has its networks built on the meta device, no weights read
+    (a ``tiny:`` teacher is built from its seed either way: it reads nothing)."""
     if not spec:
         raise ValueError("no teacher given: set teacher=/path/to/pipeline (or tiny:unet for a test model)")
     if spec.startswith("tiny:"):
@@ -37,8 +40,9 @@ def resolve_teacher(spec: str, *, config=None, allow_pickle=False, trust_remote_
         index = {"unet": [None, None]} if hasattr(pipe, "unet") and pipe.unet is not None else {"transformer": [None, None]}
         return _teacher_from_pipe(pipe, index, spec)
     if spec.startswith("zoo:"):
-        return load_teacher(zoo_path(spec.split(":", 1)[1]), torch_dtype=getattr(torch, dtype))
-    return load_teacher(spec, config=config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, torch_dtype=getattr(torch, dtype))
+        return load_teacher(zoo_path(spec.split(":", 1)[1]), torch_dtype=getattr(torch, dtype), on_meta=on_meta)
+    return load_teacher(spec, config=config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                        torch_dtype=getattr(torch, dtype), on_meta=on_meta)
 
 
 __all__ = ["ZOO_ROOT", "resolve_teacher", "zoo_path"]

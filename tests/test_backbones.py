@@ -11,6 +11,8 @@ import torch
 from diffdistill import param
 from diffdistill.backbones.loading import CheckpointError, load_teacher
 from diffdistill.conditioning import encode_prompts
+from diffdistill.engine.broadcast import materialize, tensor_layout
+from diffdistill.run import teacher_networks
 
 
 def test_tiny_sd_loads_and_samples_with_plain_diffusers(tiny_unet_dir, tmp_path):
@@ -129,3 +131,17 @@ def test_sdxl_added_conditioning_reaches_the_unet():
     out = call_backbone("unet", unet, x, t, cond)
     other = call_backbone("unet", unet, x, t, {**cond, "text_embeds": torch.randn(1, 32)})
     assert out.shape == x.shape and not torch.allclose(out, other)
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit", "sd3"])
+def test_a_teacher_built_on_meta_reads_no_weights_and_matches_the_loaded_one(tiny_dirs, arch, tmp_path):
+    """What the other processes build (engine/broadcast.py): from a folder holding configs and no weights, the same
+    networks as the loaded teacher, tensor for tensor once allocated: names, shapes, its dtypes, tied weights (T5)."""
+    configs_only = shutil.copytree(tiny_dirs[arch], tmp_path / arch, ignore=shutil.ignore_patterns("*.safetensors"))
+    loaded = teacher_networks(load_teacher(tiny_dirs[arch], torch_dtype=torch.bfloat16))
+    empty = teacher_networks(load_teacher(configs_only, on_meta=True))
+    assert sorted(empty) == sorted(loaded)
+    for name, module in empty.items():
+        assert all(p.is_meta for p in module.parameters()) and not module.training, name
+        materialize(name, module, tensor_layout(loaded[name]), "cpu")
+        assert tensor_layout(module) == tensor_layout(loaded[name]), name

@@ -56,15 +56,24 @@ def shard_sizes(folder: Path) -> list[int]:
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_every_tiny_recipe_runs_each_phase_on_two_processes(parallel, tmp_path):
+def test_every_tiny_recipe_runs_each_phase_on_two_processes(parallel, tmp_path, tiny_unet_dir):
     """Each recipe runs until every phase has run and one has run again (DMD2 with its GAN head: a critic step after
-    a generator step); dmd2_tiers adds the shared-teacher LoRA critic, gradient checkpointing and a bf16 teacher."""
-    launch([str(ROOT / "tests" / "multiprocess_recipes.py"), parallel, str(tmp_path)], 29541 if parallel == "ddp" else 29542)
+    a generator step); dmd2_tiers adds the shared-teacher LoRA critic, gradient checkpointing and a bf16 teacher.
+    Under DDP, dmd2_folder reads its teacher from a pipeline folder: only the main process reads the weights."""
+    folder = ["--folder", str(tiny_unet_dir)] if parallel == "ddp" else []  # the broadcast precedes sharding: once is enough
+    launch([str(ROOT / "tests" / "multiprocess_recipes.py"), parallel, str(tmp_path), *folder], 29541 if parallel == "ddp" else 29542)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert sorted(results) == sorted([*TINY_RECIPES, "dmd2_tiers"])
+    assert sorted(results) == sorted([*TINY_RECIPES, "dmd2_tiers", *(["dmd2_folder"] if folder else [])])
     for name, result in results.items():
         assert result["phases"] == result["expected"], f"{name}: ran {result['phases']} of {result['expected']}"
         assert result["finite"] and result["checkpoint"], f"{name}: {result}"
+        assert len(set(result["loading"]["rng"])) == 1, f"{name}: the processes' nets would start from different random states"
+    if folder:
+        main_reads, other_reads = results["dmd2_folder"]["loading"]["reads"]
+        assert "UNet2DConditionModel" in main_reads and "CLIPTextModel" in main_reads  # the recorder sees the loads...
+        assert other_reads == [], other_reads  # ...and the other process made none: it built the teacher on meta
+        first, second = results["dmd2_folder"]["loading"]["teacher"]
+        assert first == second, "the processes hold different teacher weights"
 
 
 def test_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path):

@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from diffdistill.backbones import SUPPORTED_BACKBONES, backbone_kind
+from diffdistill.backbones.meta import empty_pipeline
 from diffdistill.denoiser import Denoiser
 from diffdistill.schedules import schedule_from_scheduler_config
 
@@ -88,12 +89,17 @@ def _check_pipeline_folder(path: Path, allow_pickle: bool) -> dict:
 
 
 def load_teacher(path: str | os.PathLike, *, config: str | None = None, allow_pickle: bool = False,
-                 trust_remote_code: bool = False, torch_dtype=torch.float32) -> Teacher:
-    """Loads a teacher from a local diffusers folder, or a single ``.safetensors`` plus ``config`` folder."""
+                 trust_remote_code: bool = False, torch_dtype=torch.float32, on_meta: bool = False) -> Teacher:
+    """Loads a teacher from a local diffusers folder, or a single ``.safetensors`` plus ``config`` folder.
+
+    ``on_meta``: build its networks on the meta device from their configs and read no weights (the
+    same checks run, so every process refuses the same bad path); see :mod:`diffdistill.backbones.meta`."""
     path = Path(path).expanduser()
     if path.is_file() or path.suffix in PICKLE_SUFFIXES + (".safetensors",):
-        return _load_single_file(path, config, allow_pickle, trust_remote_code, torch_dtype)
+        return _load_single_file(path, config, allow_pickle, trust_remote_code, torch_dtype, on_meta)
     index = _check_pipeline_folder(path, allow_pickle)
+    if on_meta:
+        return _teacher_from_pipe(empty_pipeline(path, index, trust_remote_code), index, str(path))
     pipe = DiffusionPipeline.from_pretrained(
         path, local_files_only=True, use_safetensors=not allow_pickle, dtype=torch_dtype,
         trust_remote_code=trust_remote_code,
@@ -113,7 +119,8 @@ def _teacher_from_pipe(pipe, index: dict, path: str) -> Teacher:
     return Teacher(pipe, backbone, component, backbone_kind(backbone), schedule, prediction_type, path)
 
 
-def _load_single_file(path: Path, config: str | None, allow_pickle: bool, trust_remote_code: bool, torch_dtype) -> Teacher:
+def _load_single_file(path: Path, config: str | None, allow_pickle: bool, trust_remote_code: bool, torch_dtype,
+                      on_meta: bool = False) -> Teacher:
     """A single checkpoint: our own diffusers-format backbone weights, or an original SD file.
 
     ``config`` must be a local pipeline folder whose configs (and other components) describe it.
@@ -130,7 +137,10 @@ def _load_single_file(path: Path, config: str | None, allow_pickle: bool, trust_
             f"a single-file checkpoint needs a local config: pass teacher_config=/path/to/pipeline_folder "
             f"(a diffusers folder of the same architecture) alongside {path.name}"
         )
-    teacher = load_teacher(config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype)
+    teacher = load_teacher(config, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, on_meta=on_meta)
+    if on_meta:  # the file's weights come with the rest, from the process that reads them
+        teacher.path = str(path)
+        return teacher
     state = load_state_dict_file(path)
     if any(k.startswith("model.diffusion_model.") for k in state):
         state = _convert_original_backbone(teacher, path)
