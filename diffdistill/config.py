@@ -65,6 +65,7 @@ class TrainConfig:
     cpu_offload: bool = False          # fsdp: keep parameter shards and optimizer state in host memory (GPU runs)
     gradient_checkpointing: bool = False  # recompute trained backbones' activations in backward (diffusers' own)
     optimizer: str = "adamw"           # adamw | adamw8bit (bitsandbytes: 8-bit moments, a quarter of AdamW's state)
+    optimizer_offload: bool = False    # without FSDP: AdamW's moments and step in host memory (see engine.offload)
     seed: int = 0
     ema_decay: float = 0.0             # EMA of the generator; 0 disables
     checkpoint_every: int = 500        # plus one at the last step

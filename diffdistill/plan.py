@@ -342,6 +342,19 @@ def tier_rows(spec: PlanSpec) -> list[tuple[str, Tiers, int]]:
     return [row for row in rows if not (row[1] in seen or seen.add(row[1]))]
 
 
+def recipe_overrides(tiers: Tiers, spec: PlanSpec) -> list[str]:
+    """The ``key=value`` overrides that train with ``tiers`` (as ``diffdistill train RECIPE ...`` takes them)."""
+    fsdp = tiers.parallel == "fsdp"
+    keys = [f"teacher_dtype={tiers.teacher_dtype}"] if tiers.teacher_dtype != spec.teacher_dtype else []
+    keys += ["parallel=fsdp"] + (["shard_teacher=true"] if tiers.shard_teacher else []) if fsdp else []
+    keys += ["gradient_checkpointing=true"] if tiers.gradient_checkpointing else []
+    keys += ["optimizer=adamw8bit"] if tiers.adam8bit else []
+    keys += [f"method.critic_lora_rank={spec.lora_rank}"] if tiers.critic == "lora" and not spec.method.get("critic_lora_rank") else []
+    keys += [f"method.student_lora_rank={spec.lora_rank}"] if tiers.student_lora else []
+    keys += [("cpu_offload=true" if fsdp else "optimizer_offload=true")] if tiers.optimizer_offload else []
+    return keys
+
+
 def plan_table(spec: PlanSpec, m: Measurements | None = None) -> list[dict]:
     """A row per tier combination: bytes by component, total, fits, ``cheapest`` (least-cost tiers, then least memory, that fit)."""
     m, rows = m or measure_plan(spec), []
@@ -394,6 +407,9 @@ def run_plan(args) -> int:
                     ema=cfg.ema_decay > 0, lora_rank=int(cfg.method.get("critic_lora_rank") or args.lora_rank), shard_teacher=not args.replicate_teacher)
     rows = plan_table(spec, measurements := measure_plan(spec))
     print(render_markdown(rows, spec, measurements))
+    if cheapest := next((r for r in rows if r["cheapest"]), None):
+        keys = " ".join(recipe_overrides(cheapest["config"], spec)) or "(the recipe as written)"
+        print(f"\nCheapest that fits: {cheapest['tiers']}. Train with: {keys}")
     if not any(r["fits"] for r in rows):
         print(f"\nNothing fits {spec.gpu_memory_gib:g} GiB at micro-batch {batch} per GPU: raise grad_accum, pass --batch, or add GPUs.")
     return 0

@@ -150,3 +150,30 @@ def test_checkpointed_blocks_recompute_with_their_own_adapters(tmp_path):
     assert (plain[0] - plain[1]).abs().max() > 1e-4 and (plain[1] - plain[2]).abs().max() > 1e-4  # three different functions
     for a, b in zip(checkpointed, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def final_weights(run) -> dict:
+    folder = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    return {f.name: load_file(str(f)) for f in sorted(folder.glob("net-*.safetensors"))}
+
+
+def test_optimizer_offload_steps_as_adamw_does_and_resumes_exactly(tmp_path):
+    trainer_for(tmp_path / "plain", "max_steps=4").fit()
+    offloaded = trainer_for(tmp_path / "offload", "max_steps=4", "optimizer_offload=true", "checkpoint_every=2")
+    offloaded.fit()
+    state = offloaded.optimizers["critic"].optimizer.state
+    params = {p.untyped_storage().data_ptr() for p in offloaded.method.nets["critic"].parameters()}
+    assert state and all(v.device.type == "cpu" and v.untyped_storage().data_ptr() not in params
+                         for s in state.values() for v in s.values() if v.ndim)  # moments on the host, beside host copies
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "offload")
+    assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])  # the same AdamW updates
+
+    resumed = tmp_path / "resumed"  # from the step-2 checkpoint: the host copies must follow the loaded weights
+    (resumed / "checkpoints").mkdir(parents=True)
+    (tmp_path / "offload" / "checkpoints" / "step-00000002").rename(resumed / "checkpoints" / "step-00000002")
+    (resumed / "checkpoints" / "latest").write_text("step-00000002")
+    trainer_for(resumed, "max_steps=4", "optimizer_offload=true", "resume=true").fit()
+    c = final_weights(resumed)
+    assert all(torch.equal(b[f][k], c[f][k]) for f in b for k in b[f])
+    with pytest.raises(ConfigError, match="cpu_offload"):
+        trainer_for(tmp_path / "x", "optimizer_offload=true", "parallel=fsdp")

@@ -11,7 +11,7 @@ import torch
 from diffdistill import plan
 from diffdistill.backbones.sd15_shaped import sd15_shaped_unet_config
 from diffdistill.cli import build_parser
-from diffdistill.config import ConfigError
+from diffdistill.config import ConfigError, load_recipe
 from diffdistill.plan import (
     GIB,
     PlanSpec,
@@ -156,3 +156,16 @@ def test_sd15_shaped_unet_trains_a_cpu_step():
     out.square().mean().backward()
     assert out.shape == (1, 4, 16, 16) and all(p.grad is not None for p in model.parameters())
     assert add_lora(build_backbone(cfg), 4) > 0
+
+
+def test_every_planned_tier_is_a_recipe_the_trainer_reads(sd15):
+    """The overrides printed for a tier set configure exactly that tier set."""
+    spec, m = sd15
+    for row in plan_table(spec, m):
+        tiers, cfg = row["config"], load_recipe(RECIPES / "sd15" / "dmd2.yaml", plan.recipe_overrides(row["config"], spec))
+        fsdp = tiers.parallel == "fsdp"
+        assert (cfg.parallel, cfg.gradient_checkpointing, cfg.teacher_dtype) == (tiers.parallel, tiers.gradient_checkpointing, tiers.teacher_dtype)
+        assert (cfg.optimizer == "adamw8bit") == tiers.adam8bit and cfg.shard_teacher == (fsdp and tiers.shard_teacher)
+        assert (cfg.optimizer_offload or cfg.cpu_offload) == tiers.optimizer_offload and not (cfg.cpu_offload and not fsdp)
+        assert (cfg.method.get("critic_lora_rank", 0) > 0) == (tiers.critic == "lora")
+        assert (cfg.method.get("student_lora_rank", 0) > 0) == tiers.student_lora

@@ -23,6 +23,7 @@ from diffdistill.denoiser import OwnState, adapter_checkpointing
 from diffdistill.ema import EMA
 from diffdistill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffdistill.engine.logging import append_metrics, save_grid, tensorboard_available
+from diffdistill.engine.offload import HostOffloadedOptimizer
 from diffdistill.engine.sharding import full_tensor, is_sharded, reshard, set_gradient_sync, shard
 from diffdistill.methods.base import Method
 from diffdistill.randomness import derive_seed, step_random
@@ -65,6 +66,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         raise ConfigError("cpu_offload moves shards from GPU to host memory; on a machine without GPUs drop cpu_offload=true")
     if cfg.parallel != "fsdp" and (cfg.shard_teacher or cfg.cpu_offload):
         raise ConfigError("shard_teacher and cpu_offload are FSDP options: add parallel=fsdp (and launch several processes)")
+    if cfg.optimizer_offload and (cfg.parallel == "fsdp" or cfg.optimizer != "adamw"):
+        fix = "under FSDP use cpu_offload=true (it offloads shards and their optimizer state)" if cfg.parallel == "fsdp" else \
+            "8-bit AdamW steps on the GPU; choose one of optimizer=adamw8bit or optimizer_offload=true"
+        raise ConfigError(f"optimizer_offload=true: {fix}")
     if cfg.parallel == "fsdp" and world == 1:
         raise ConfigError("parallel=fsdp shards over several processes, but this is one: launch with "
                           "`accelerate launch --multi_gpu --num_processes N -m diffdistill.cli train ...`, or drop parallel=fsdp")
@@ -144,7 +149,11 @@ class Trainer:
         for phase in method.phases:
             opt_cfg = cfg.optim if phase == "generator" else cfg.critic_optim
             params = [p for name in method.phase_nets(phase) for p in _trainable(method.nets[name])]
-            self.optimizers[phase] = acc.prepare_optimizer(make_optimizer(cfg.optimizer, params, opt_cfg))
+            if cfg.optimizer_offload:
+                optimizer = HostOffloadedOptimizer(params, lambda host, c=opt_cfg: make_optimizer(cfg.optimizer, host, c))
+            else:
+                optimizer = make_optimizer(cfg.optimizer, params, opt_cfg)
+            self.optimizers[phase] = acc.prepare_optimizer(optimizer)
         self.emas = {"generator": EMA(OwnState(_unwrap(method.nets["generator"])), cfg.ema_decay)} if cfg.ema_decay > 0 else {}
         # A method's own EMA targets (LCM's target network: a module it updates in ``after_step``),
         # saved and restored with the checkpoint like the generator's EMA; the trainer never updates them.
