@@ -77,7 +77,9 @@ class FeatureTap:
     @contextlib.contextmanager
     def reading(self):
         def hook(module, args, output):
-            self.value = output[0] if isinstance(output, tuple) else output
+            # SD3's and Flux's joint blocks return (text tokens, image tokens), and SD3's last block
+            # returns no text tokens at all: the image's features are the last element
+            self.value = output[-1] if isinstance(output, tuple) else output
 
         handle = self.module.register_forward_hook(hook)
         try:

@@ -2,11 +2,12 @@ import pytest
 import torch
 from torch import nn
 
+from diffdistill.conditioning import encode_prompts
 from diffdistill.config import ConfigError
 from diffdistill.denoiser import Denoiser
 from diffdistill.methods import build_method
 from diffdistill.schedules import VPSchedule
-from diffdistill.scores import ScoreEngine, cfg_combine, guided, make_critic
+from diffdistill.scores import FeatureTap, ScoreEngine, cfg_combine, guided, make_critic
 from diffdistill.teachers import resolve_teacher
 from diffdistill.toy import SD15_SCHEDULE, ring8, toy_teacher
 
@@ -79,3 +80,19 @@ def _cfg():
     from diffdistill.config import TrainConfig
 
     return TrainConfig()
+
+
+def test_gan_head_reads_the_image_tokens_of_a_joint_transformer():
+    """SD3's last joint block returns (None, image tokens); earlier ones (text tokens, image tokens)."""
+    teacher = resolve_teacher("tiny:sd3")
+    method = build_method({"name": "dmd2", "gan_weight": 1e-3}, teacher, _cfg())
+    channels, height, width = teacher.latent_shape
+    patch = teacher.backbone.config.patch_size
+    x, t = torch.randn(2, channels, height, width), torch.full((2,), 0.5 * teacher.schedule.t_max)
+    cond = encode_prompts(teacher.pipe, ["a cat", "a dog"], "cpu")
+    tap = FeatureTap(method.nets["critic"].backbone)
+    with torch.no_grad(), tap.reading():
+        method.nets["critic"](x, t, cond)
+    assert tap.value.shape[:2] == (2, (height // patch) * (width // patch))
+    logits, _ = method.engine.gan_logits(x, t, cond)
+    assert logits.shape == (2,) and torch.isfinite(logits).all()
