@@ -246,8 +246,12 @@ class Trainer:
             self.emas["generator"].update(OwnState(_unwrap(method.nets["generator"])))
         if hasattr(method, "after_step"):  # the one hook after an optimizer step (LCM's EMA target follows the student)
             method.after_step(step)
-        mean_loss = acc.reduce(loss.detach(), reduction="mean").item()  # log the global batch's loss
-        return {"phase": phase, f"loss_{phase}": mean_loss, **logs}
+        # The loss and the method's float parts, averaged over processes in one collective: the logs
+        # describe the global batch, not the main process's share (grad_norm is global already).
+        parts = sorted(k for k, v in logs.items() if isinstance(v, float) and k != "grad_norm")
+        values = torch.tensor([loss.detach().float().item(), *(logs[k] for k in parts)], device=acc.device)
+        mean_loss, *means = acc.reduce(values, reduction="mean").tolist()
+        return {"phase": phase, f"loss_{phase}": mean_loss, **logs, **dict(zip(parts, means))}
 
     def _check_finite(self, step: int, phase: str, loss: torch.Tensor, logs: dict) -> None:
         finite = self.accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min().item()
