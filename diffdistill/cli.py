@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = verbs.add_parser("tiny-sd", help="write a tiny pipeline folder, offline", description="Write a tiny randomly initialized diffusers pipeline (backbone, VAE, text encoder, tokenizer, scheduler) that plain DiffusionPipeline.from_pretrained loads. For tests and demos.")
     tiny.add_argument("out", help="folder to write")
-    tiny.add_argument("--arch", choices=("unet", "dit", "sd3"), default="unet", help="unet: SD-style UNet; dit: class-conditional DiT; sd3: MMDiT rectified flow")
+    tiny.add_argument("--arch", choices=("unet", "dit", "sd3", "sdxl"), default="unet",
+                      help="unet: SD-style UNet; dit: class-conditional DiT; sd3: MMDiT rectified flow; sdxl: SDXL-style UNet, two text encoders")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     tiny.set_defaults(func=_tiny_sd)

@@ -3,7 +3,8 @@
 Keys: ``encoder_hidden_states`` (all text models), ``text_embeds`` + ``time_ids`` (SDXL),
 ``pooled_projections`` (SD3), ``encoder_attention_mask`` (PixArt), ``class_labels`` (DiT),
 ``timestep_cond`` (LCM's guidance embedding). The empty prompt (or DiT's null class) is the
-unconditional input for classifier-free guidance.
+unconditional input for classifier-free guidance; SDXL pipelines with ``force_zeros_for_empty_prompt``
+(SDXL's default) encode it as zeros, as they do at inference.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ def _sd(pipe, prompts, device):
 
 def _sdxl(pipe, prompts, device):
     embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False)
+    if pipe.config.get("force_zeros_for_empty_prompt", False):
+        # SDXL's unconditional input is zeros, not the encoded "": its pipeline's default
+        # (force_zeros_for_empty_prompt), and what DMD2's SDXL training guides against
+        empty = torch.tensor([p == "" for p in prompts], device=embeds.device)
+        embeds, pooled = (torch.where(empty.view(-1, *[1] * (v.ndim - 1)), torch.zeros_like(v), v) for v in (embeds, pooled))
     size = pipe.default_sample_size * pipe.vae_scale_factor
     proj_dim = pipe.text_encoder_2.config.projection_dim
     time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), embeds.dtype, proj_dim)

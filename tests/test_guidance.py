@@ -5,20 +5,26 @@ so every guided output can be written down by hand.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from diffdistill.backbones.loading import Teacher
-from diffdistill.config import ConfigError, TrainConfig
+from diffdistill.conditioning import encode_prompts
+from diffdistill.config import ConfigError, TrainConfig, load_recipe
 from diffdistill.denoiser import Denoiser
-from diffdistill.randomness import BatchRandom
 from diffdistill.guidance import Guidance, anti_cfg, fake_cfg, guidance_from_options, lsg, proper_guidance, standard_cfg, zero_cfg
 from diffdistill.methods import build_method
+from diffdistill.randomness import BatchRandom
+from diffdistill.run import build_trainer
 from diffdistill.schedules import VPSchedule
 from diffdistill.scores import ScoreEngine, fake_score_loss
+from diffdistill.teachers import resolve_teacher
 from diffdistill.toy import SD15_SCHEDULE, ring8, toy_teacher
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SCHEDULE = VPSchedule.from_scheduler_config(SD15_SCHEDULE)
 
@@ -173,3 +179,26 @@ def test_every_new_method_passes_its_scales_to_the_engine(name, monkeypatch):
     assert method.guidance.fake_train == 1.5
     with pytest.raises(ConfigError, match="not used by guidance_style=cfg"):
         build_method({"name": name, "fake_train_guidance": 2.0}, teacher, TrainConfig(teacher="exact:ring8", out="unused"))
+
+
+def test_sdxl_guides_against_zeros_as_its_pipeline_does():
+    """SDXL's unconditional input is zeros (force_zeros_for_empty_prompt), in every batch the trainer builds;
+    SD1.5 keeps the encoded empty prompt."""
+    sd15 = resolve_teacher("tiny:unet")
+    assert encode_prompts(sd15.pipe, [""])["encoder_hidden_states"].abs().max() > 0
+    trainer = build_trainer(load_recipe(ROOT / "recipes" / "tiny" / "dmd2.yaml", ["teacher=tiny:sdxl", "batch_size=2", "resume=false",
+                                                                                   "sample_every=0", "out=/nonexistent/never-written"]))
+    teacher, batch = trainer.teacher, trainer.make_batch(0, 0)
+    uncond, cond = batch["uncond"], batch["cond"]
+    assert uncond["encoder_hidden_states"].abs().max() == 0 and uncond["text_embeds"].abs().max() == 0
+    assert cond["encoder_hidden_states"].abs().max() > 0 and torch.equal(uncond["time_ids"], cond["time_ids"])
+    x, t, w = torch.randn(2, *teacher.latent_shape), torch.tensor([300.0, 800.0]), 8.0
+    zeros = {**cond, "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]), "text_embeds": torch.zeros_like(cond["text_embeds"])}
+    d = teacher.denoiser()
+    with torch.no_grad():
+        by_hand = d(x, t, zeros) + w * (d(x, t, cond) - d(x, t, zeros))
+        guided_by_engine = trainer.method.engine.real(x, t, cond, uncond, w)
+        teacher.pipe.register_to_config(force_zeros_for_empty_prompt=False)  # the encoded "" instead: another target
+        against_encoded_empty = trainer.method.engine.real(x, t, cond, encode_prompts(teacher.pipe, ["", ""]), w)
+    torch.testing.assert_close(guided_by_engine, by_hand, rtol=0, atol=2e-4)  # one batched 2B pass vs three: rounding x w
+    assert (against_encoded_empty - by_hand).abs().max() > 100 * 2e-4

@@ -6,6 +6,8 @@ encoder(s) and tokenizer(s), scheduler) that plain ``DiffusionPipeline.from_pret
 * ``unet`` -- ``StableDiffusionPipeline`` (UNet2DConditionModel, epsilon prediction, DDIM).
 * ``dit``  -- ``DiTPipeline`` (class-conditional DiTTransformer2DModel with learned sigma).
 * ``sd3``  -- ``StableDiffusion3Pipeline`` (SD3Transformer2DModel, rectified flow, two CLIP encoders).
+* ``sdxl`` -- ``StableDiffusionXLPipeline`` (UNet with SDXL's pooled-text and size conditioning, two CLIP
+  encoders, zeros as the unconditional input as SDXL's own pipeline has it).
 
 The tokenizer is a character-level CLIP BPE (no merges), written as vocab.json/merges.txt and
 re-loaded with ``CLIPTokenizer.from_pretrained``: in transformers 5.x the ``vocab_file=`` /
@@ -29,6 +31,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -42,7 +45,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-TINY_ARCHS = ("unet", "dit", "sd3")
+TINY_ARCHS = ("unet", "dit", "sd3", "sdxl")
 TEXT_LENGTH = 32      # characters are tokens here; long enough for "a handwritten digit 7"
 TEXT_DIM = 32
 
@@ -154,7 +157,23 @@ def _sd3_pipeline(seed: int):
     )
 
 
-_BUILDERS = {"unet": _unet_pipeline, "dit": _dit_pipeline, "sd3": _sd3_pipeline}
+def _sdxl_pipeline(seed: int):
+    # Two CLIP encoders of width 16 concatenate to cross_attention_dim 32; the second's pooled 16 and six
+    # size/crop ids embedded at 8 each make the added embedding's input 16 + 6 x 8 = 64.
+    tok1, tok2 = tiny_tokenizer(), tiny_tokenizer()
+    unet = tiny_unet(seed, addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=64)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon", timestep_spacing="trailing",
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed + 1), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        text_encoder=tiny_text_encoder(tok1, seed + 2, hidden=16), tokenizer=tok1,
+        text_encoder_2=tiny_text_encoder(tok2, seed + 3, with_projection=True, hidden=16), tokenizer_2=tok2,
+    )
+
+
+_BUILDERS = {"unet": _unet_pipeline, "dit": _dit_pipeline, "sd3": _sd3_pipeline, "sdxl": _sdxl_pipeline}
 
 
 def tiny_pipeline(arch: str = "unet", seed: int = 0):
