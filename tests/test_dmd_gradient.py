@@ -11,11 +11,15 @@ import torch
 from torch import nn
 
 from diffdistill.backbones.loading import Teacher
+from diffdistill.conditioning import encode_prompts
+from diffdistill.config import TrainConfig
 from diffdistill.denoiser import Denoiser
-from diffdistill.randomness import BatchRandom
+from diffdistill.methods import build_method
 from diffdistill.methods.dmd import distribution_matching_grad, surrogate_loss
+from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import VPSchedule
 from diffdistill.scores import ScoreEngine
+from diffdistill.teachers import resolve_teacher
 from diffdistill.toy import SD15_SCHEDULE, ExactDenoiserNet, GaussianMixture
 
 MU, TAU = 1.5, 0.7
@@ -86,3 +90,26 @@ def test_normalized_dmd_gradient_is_a_descent_direction(a, b, t):
 def test_gradient_vanishes_at_the_target():
     grad, _, _ = mc_gradient(TAU, MU, 500, normalize="sample")
     assert grad.abs().max() < 1e-12
+
+
+def test_dm_term_runs_in_float32_under_bf16_autocast():
+    """dm_precision=fp32 (the default): the DM term's passes ignore the run's bf16 autocast and convert
+    to x0 in float64, so the gradient is the one computed without autocast, bit for bit; "autocast"
+    computes it in bf16, visibly different near t = T."""
+    teacher = resolve_teacher("tiny:unet")
+    method = build_method({"name": "dmd2", "guidance": 1.75}, teacher, TrainConfig())
+    with torch.no_grad():  # a critic that differs from the teacher, as a trained one does
+        for p in method.nets["critic"].parameters():
+            p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, *teacher.latent_shape, generator=g), torch.randn(2, *teacher.latent_shape, generator=g)
+    t, cond, uncond = torch.tensor([980.0, 980.0]), encode_prompts(teacher.pipe, ["a cat", "a dog"]), encode_prompts(teacher.pipe, ["", ""])
+    args = (method.engine, x, t, eps, cond, uncond, 1.75)
+    reference, _ = distribution_matching_grad(*args, precision="fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = distribution_matching_grad(*args, precision="fp32")
+        rounded, _ = distribution_matching_grad(*args, precision="autocast")
+    assert torch.equal(full, reference)
+    assert (rounded - reference).norm() > 1e-3 * reference.norm()
+    with pytest.raises(ValueError, match="dm_precision"):
+        distribution_matching_grad(*args, precision="fp16")

@@ -16,6 +16,7 @@ generator update.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -39,27 +40,40 @@ def default_range(schedule, lo_frac: float, hi_frac: float):
 NORMALIZATIONS = ("sample", "batch", "none")
 
 
-def distribution_matching_grad(engine: ScoreEngine, x, t, eps, cond, uncond, guidance, normalize: str = "sample") -> tuple[torch.Tensor, dict]:
+def distribution_matching_grad(engine: ScoreEngine, x, t, eps, cond, uncond, guidance, normalize: str = "sample",
+                               precision: str = "fp32") -> tuple[torch.Tensor, dict]:
     """g = (D_fake - D_real^w) / mean|x - D_real^w| at x_t = alpha_t x + sigma_t eps, without gradient.
 
     ``normalize``: "sample" divides each sample by its own mean_CHW |x - D_real^w| (DMD/DMD2);
     "batch" by the batch average of it (less noise amplification in low dimension, where one
     sample's mean over few coordinates is itself noisy); "none" leaves g = D_fake - D_real^w,
     sigma_t^2 / alpha_t times (s_fake - s_real)(x_t): the form whose expectation is a KL gradient.
+
+    ``precision``: "fp32" runs the two passes outside the run's autocast (the critic in its float32
+    weights, the teacher in ``teacher_dtype``) and converts to x0 in float64, as DMD2 computes this
+    term: near t = T an eps prediction is multiplied by sigma/alpha ~ 13, and bf16 rounding of it is
+    then a few percent of D_fake - D_real. "autocast" runs them in the run's mixed precision.
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
-    with torch.no_grad():
-        x_t = add_noise(engine.teacher_denoiser.schedule, x.detach(), eps, t)
+    if precision not in DM_PRECISIONS:
+        raise ValueError(f"dm_precision={precision!r}: choose one of {', '.join(DM_PRECISIONS)}")
+    full = precision == "fp32"
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False) if full else contextlib.nullcontext():
+        x_data, eps = (x.detach().double(), eps.double()) if full else (x.detach(), eps)  # float64 x_t: x0 converted in float64
+        x_t = add_noise(engine.teacher_denoiser.schedule, x_data, eps, t)
         x0_real = engine.real(x_t, t, cond, uncond, guidance)
         x0_fake = engine.fake(x_t, t, cond, grad=False)
         grad = x0_fake - x0_real
         if normalize != "none":
-            weight = (x.detach() - x0_real).abs().flatten(1).mean(1)
+            weight = (x_data - x0_real).abs().flatten(1).mean(1)
             weight = (weight if normalize == "sample" else weight.mean().expand_as(weight)).clamp_min(1e-8)
             grad = grad / weight.view(-1, *([1] * (x.ndim - 1)))
-        grad = torch.nan_to_num(grad)
+        grad = torch.nan_to_num(grad).to(x.dtype)
     return grad, {"dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+
+
+DM_PRECISIONS = ("fp32", "autocast")
 
 
 def surrogate_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -117,6 +131,7 @@ class DMDOptions:
     critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
     student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     normalize: str = "sample"              # DM gradient normalization: sample (DMD) | batch | none
+    dm_precision: str = "fp32"             # the DM term's passes: fp32 (outside autocast, x0 in float64; DMD2) | autocast
 
 
 class DMD:
@@ -147,7 +162,7 @@ class DMD:
         x = self._student(batch, n)
         t = self.dm_times(self.schedule, n, rng).to(x.device)
         grad, logs = distribution_matching_grad(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], self.options.guidance,
-                                                self.options.normalize)
+                                                self.options.normalize, self.options.dm_precision)
         loss = surrogate_loss(x, grad)
         logs["loss_dm"] = loss.mean().item()
         if self.pairs is not None:

@@ -42,6 +42,7 @@ class DMD2Options:
     critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
     student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     normalize: str = "sample"              # DM gradient normalization: sample (DMD2) | batch | none
+    dm_precision: str = "fp32"             # the DM term's passes: fp32 (outside autocast, x0 in float64; DMD2) | autocast
 
 
 class DMD2:
@@ -82,7 +83,7 @@ class DMD2:
         x = self._student(batch, n)
         t = self.dm_times(self.schedule, n, rng).to(x.device)
         grad, logs = distribution_matching_grad(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], self.options.guidance,
-                                                self.options.normalize)
+                                                self.options.normalize, self.options.dm_precision)
         loss = surrogate_loss(x, grad)
         logs["loss_dm"] = loss.mean().item()
         if self.options.gan_weight > 0:
