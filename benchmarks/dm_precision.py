@@ -70,9 +70,9 @@ def main(argv=None) -> int:
             t = torch.full((len(PROMPTS),), t_value)
             reference, _ = distribution_matching_grad(float64, x.double(), t, eps.double(), cond, uncond, args.guidance, precision="fp32")
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                for mode in errors:
+                for mode, found in errors.items():
                     grad, _ = distribution_matching_grad(float32, x, t, eps, cond, uncond, args.guidance, precision=mode)
-                    errors[mode].append(relative_error(grad, reference))
+                    found.append(relative_error(grad, reference))
         rows.append(f"| {t_value:g} | " + " | ".join(f"{sum(e) / len(e):.2e}" for e in errors.values()) + " |")
     print("\n".join(rows))
     print(f"\nzoo:digits teacher as the real score; its copy with weights perturbed by {args.perturb:g} x their mean magnitude as the "
