@@ -180,10 +180,16 @@ def fake_score_loss(critic, schedule, prediction_type: str, x: torch.Tensor, t: 
     raise ValueError(f"critic loss space {space!r}: choose native or x0")
 
 
-def critic_phase_loss(critic, teacher, times, x: torch.Tensor, batch: dict, space: str = "native", guidance=1.0) -> torch.Tensor:
+def critic_phase_loss(critic, teacher, times, x: torch.Tensor, batch: dict, space: str = "native", guidance=1.0,
+                      uncond_prob: float = 0.0) -> torch.Tensor:
     """The fake-score update every distribution-matching method shares: denoising score matching on
-    detached generator samples ``x`` at t ~ ``times`` with the batch's own noise, per sample."""
-    rng = batch["rng"]
+    detached generator samples ``x`` at t ~ ``times`` with the batch's own noise, per sample.
+    ``uncond_prob``: the share of samples whose prompt is replaced by the unconditional input for
+    this update only (SiD-LSG's fake-side dropout, so a guided fake score has an unconditional branch)."""
+    rng, cond = batch["rng"], batch["cond"]
+    if uncond_prob > 0:
+        keep = rng.rand((x.shape[0],)).to(x.device) >= uncond_prob
+        cond = {k: torch.where(keep.view(-1, *[1] * (v.ndim - 1)), v, batch["uncond"][k]) for k, v in cond.items()}
     t = times(teacher.schedule, x.shape[0], rng).to(x.device)
-    return fake_score_loss(critic, teacher.schedule, teacher.prediction_type, x, t, rng.randn_like(x), batch["cond"], space,
+    return fake_score_loss(critic, teacher.schedule, teacher.prediction_type, x, t, rng.randn_like(x), cond, space,
                            batch["uncond"], guidance)

@@ -16,7 +16,10 @@ import gaussian_1d as g
 from diffdistill.config import ConfigError, TrainConfig
 from diffdistill.randomness import BatchRandom
 from diffdistill.methods import build_method
+from diffdistill.methods.dmd import default_range
 from diffdistill.methods.sid import SiDTimesteps, sid_generator_loss
+from diffdistill.scores import critic_phase_loss
+from diffdistill.teachers import resolve_teacher
 from diffdistill.toy import METHOD_DEFAULTS, energy_distance, mode_report, ring8, sample_method, toy_teacher, train_on_toy
 
 WIDTHS, STEPS = (128, 3, 128, 3), 300  # generator steps of the toy test
@@ -138,3 +141,25 @@ def test_sid_energy_distance_to_ring8_falls_twentyfold(tmp_path):
     report = mode_report(samples, mixture)
     assert end * 20 <= start, (start, end)
     assert report["modes_covered"] == 8, report
+
+
+class _RecordsCond(torch.nn.Module):
+    """A fake score that records the conditioning of its update and predicts zeros."""
+
+    def forward(self, x_t, t, cond, output="x0"):
+        self.cond = cond
+        return torch.zeros_like(x_t)
+
+
+def test_fake_side_prompt_dropout_replaces_that_share_of_prompts_in_the_critic_update_only():
+    n, teacher = 4000, resolve_teacher("tiny:unet")
+    cond, uncond = {"encoder_hidden_states": torch.randn(n, 3, 4) + 5}, {"encoder_hidden_states": torch.zeros(n, 3, 4)}
+    batch = {"rng": BatchRandom(0), "cond": cond, "uncond": uncond}
+    critic, times = _RecordsCond(), default_range(teacher.schedule, 0.02, 0.98)
+    critic_phase_loss(critic, teacher, times, torch.randn(n, 4, 2, 2), batch, uncond_prob=0.1)
+    seen = critic.cond["encoder_hidden_states"]
+    dropped = (seen == 0).flatten(1).all(1)
+    assert torch.equal(seen[~dropped], cond["encoder_hidden_states"][~dropped])  # the rest keep their own prompt
+    assert abs(dropped.float().mean().item() - 0.1) < 0.015
+    critic_phase_loss(critic, teacher, times, torch.randn(n, 4, 2, 2), {**batch, "rng": BatchRandom(0)})
+    assert torch.equal(critic.cond["encoder_hidden_states"], cond["encoder_hidden_states"])  # off by default

@@ -31,9 +31,8 @@ retrieved, so this term is not verified against it.
 Noise levels: SiD's r ~ U(0, 0.8), sigma = (sigma_max^(1/7) + (1 - r)(sigma_min^(1/7) - sigma_max^(1/7)))^7
 with (0.002, 80), mapped to our schedule's t at the same sigma/alpha; or U over a range of t
 (SiD-LSG for SD: U{20 .. 979}). The generator's input is sigma_{t_init} z at t_init (SiD-LSG:
-t_init = 625, x_init = sigma_625 z in EDM units, i.e. sigma_t z in VP units), not bare z.
-The fake score trains by denoising score matching, one update before each generator update.
-"""
+t_init = 625, x_init = sigma_625 z in EDM units, i.e. sigma_t z in VP units), not bare z. The fake
+score trains by denoising score matching, one update before each generator update."""
 
 from __future__ import annotations
 
@@ -124,6 +123,7 @@ class SiDOptions:
     student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     ratio: int = 1                         # fake-score updates per generator update (SiD: 1, fake first)
     normalize: bool = True                 # per-sample 1 / sg(mean|x - D_r|); false: w = 1
+    critic_uncond_prob: float = 0.0        # fake-score updates only: share of prompts replaced by "" (SiD-LSG: 0.1)
     gan_weight: float = 0.0                # SiDA: weight of softplus(-l) on the generator; 0: data-free SiD
     gan_critic_weight: float = 1e-2        # weight of the discriminator loss added to the fake score's
     gan_features: str = "critic"           # critic (SiDA reads the fake score's encoder) | teacher
@@ -178,7 +178,8 @@ class SiD:
         rng, n = batch["rng"], len(batch["prompts"])
         with torch.no_grad():
             x = self._student(batch, n)
-        loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss, self.guidance.fake_train)
+        loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss, self.guidance.fake_train,
+                                 self.options.critic_uncond_prob)
         loss, dropped = drop_nonfinite(loss)
         logs = {"loss_fake": loss.mean().item(), "nan_dropped": float(dropped)}
         if self.options.gan_weight > 0:
