@@ -75,6 +75,7 @@ class TrainConfig:
     sample_steps: int | None = None    # sampler steps for grids; None: the method's own
     sample_guidance: float = 1.0
     log_every: int = 10
+    log_with: str = "tensorboard"      # tensorboard (when installed) | wandb (W&B; WANDB_MODE=offline works without network) | none
     resume: bool = True                # continue from the latest checkpoint in `out` if there is one
 
 

@@ -5,7 +5,8 @@ import pytest
 from diffdistill.config import ConfigError, load_recipe
 from diffdistill.methods.base import method_options
 
-RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in Path(__file__).resolve().parent.parent.joinpath("recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+LAUNCH_CONFIGS = {"1gpu": (1, 1), "8gpu_ddp": (8, 1), "8gpu_fsdp": (8, 1), "2x8gpu": (16, 2)}  # recipes/accelerate: processes, machines
 
 
 def test_overrides_are_typed():
@@ -46,3 +47,13 @@ def test_every_shipped_recipe_loads_and_names_its_command(recipe):
     assert first.startswith("# diffdistill ") or first.startswith("# accelerate launch"), "header must give the exact command"
     cfg = load_recipe(recipe)
     method_options(cfg.method)
+
+
+@pytest.mark.parametrize("name", list(LAUNCH_CONFIGS))
+def test_launch_configs_load_in_accelerate(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).resolve().parent.parent / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert (config.num_processes, config.num_machines) == LAUNCH_CONFIGS[name]
+    command = Path(__file__).resolve().parent.parent.joinpath("recipes", "accelerate", f"{name}.yaml").read_text().splitlines()[0]
+    assert f"--config_file recipes/accelerate/{name}.yaml" in command and "diffdistill.cli train" in command

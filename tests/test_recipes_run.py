@@ -8,7 +8,7 @@ from diffdistill.config import load_recipe
 from diffdistill.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)  # recipes/accelerate: launch configs
 # Tiny stand-ins for what a real-size recipe points at.
 TINY = ["teacher=tiny:unet", "batch_size=2", "max_steps=2", "checkpoint_every=1000", "sample_every=0", "mixed_precision=no",
         "data.prompts_file=null", "data.prompts=[a digit 1, the number seven]"]

@@ -1,4 +1,5 @@
-"""What a user sees of a run: metrics.jsonl, optional TensorBoard (through accelerate), PNG grids."""
+"""What a user sees of a run: metrics.jsonl, PNG grids, and TensorBoard or Weights & Biases
+through accelerate's trackers (``log_with``), which receive the metrics, the config and the grids."""
 
 from __future__ import annotations
 
@@ -7,12 +8,59 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+
+from diffdistill.config import ConfigError, to_dict
+
+TRACKERS = ("tensorboard", "wandb", "none")
 
 
 def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def wandb_available() -> bool:
+    return importlib.util.find_spec("wandb") is not None
+
+
+def tracker_for(log_with: str) -> str | None:
+    """accelerate's tracker name for ``log_with``: TensorBoard when installed (metrics.jsonl and the
+    PNGs are written either way), W&B as asked (an error naming the install when it is missing)."""
+    if log_with not in TRACKERS:
+        raise ConfigError(f"log_with={log_with!r}: choose one of {', '.join(TRACKERS)}")
+    if log_with == "wandb" and not wandb_available():
+        raise ConfigError("log_with=wandb needs the wandb package: `pip install wandb` (WANDB_MODE=offline logs without an account), "
+                          "or log_with=tensorboard|none")
+    if log_with == "tensorboard" and not tensorboard_available():
+        return None
+    return None if log_with == "none" else log_with
+
+
+def flat_config(cfg) -> dict:
+    """The run's settings as dotted keys with scalar values (TensorBoard's hparams take nothing else)."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def log_grid(trackers: list, path: Path, step: int) -> None:
+    """A sample grid PNG to every tracker, in the form each one takes."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": image[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"samples": [image]}, step=step)
 
 
 def append_metrics(run_dir: Path, step: int, logs: dict) -> None:

@@ -22,7 +22,7 @@ from diffdistill.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from diffdistill.denoiser import OwnState, adapter_checkpointing
 from diffdistill.ema import EMA
 from diffdistill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffdistill.engine.logging import append_metrics, save_grid, tensorboard_available
+from diffdistill.engine.logging import append_metrics, flat_config, log_grid, save_grid, tracker_for
 from diffdistill.engine.offload import HostOffloadedOptimizer
 from diffdistill.engine.sharding import full_tensor, is_sharded, reshard, set_gradient_sync, shard
 from diffdistill.methods.base import Method
@@ -53,7 +53,7 @@ def _unwrap(module):
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The run's accelerator; refuses a global batch that does not split over accumulation x processes."""
-    log_with = "tensorboard" if tensorboard_available() else None
+    log_with = tracker_for(cfg.log_with)
     # Without cpu=True, accelerate treats a multi-process launch on a machine with no GPU as
     # single-process; with it, `accelerate launch --multi_gpu --num_processes N` runs gloo DDP on CPU.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(Path(cfg.out)), cpu=not torch.cuda.is_available())
@@ -302,7 +302,9 @@ class Trainer:
         x0 = self.method.sample(noise, cond, uncond, steps, cfg.sample_guidance, gen)
         if not self.accelerator.is_main_process:  # under FSDP every process joins the sampling; one writes
             return None
-        return save_grid(decode_latents(self.teacher.pipe, x0).cpu(), self.run_dir / "samples" / f"step-{step:08d}.png")
+        path = save_grid(decode_latents(self.teacher.pipe, x0).cpu(), self.run_dir / "samples" / f"step-{step:08d}.png")
+        log_grid(self.accelerator.trackers, path, step)
+        return path
 
     def _out_of_time(self, tic: float) -> bool:
         """True on every process once the main process has passed the time limit (one decision, so DDP stays in step)."""
@@ -316,8 +318,8 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
-            if acc.log_with:
-                acc.init_trackers("diffdistill")
+            if acc.log_with:  # the run folder's name names the W&B run; W&B writes under the run folder
+                acc.init_trackers("diffdistill", config=flat_config(self.cfg), init_kwargs={"wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)}})
         start = self.resume()
         bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not acc.is_main_process, desc="train")
         tic = time.perf_counter()
