@@ -88,6 +88,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps the export is checked and documented for (default: all training timesteps)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: if the run kept them)")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank of the SVD extraction (--format lora)")
+    parser.add_argument("--lora-layout", choices=("diffusers", "kohya"), default="diffusers",
+                        help="--format lora keys: diffusers/peft (default), or kohya's, which ComfyUI and A1111/Forge read (UNet teachers)")
     parser.add_argument("--teacher", default=None, metavar="PATH", help="the teacher pipeline, if it moved since training")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only once the new export is complete)")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
@@ -108,7 +110,7 @@ def _summary(info: dict) -> str:
 def _export(args) -> int:
     from diffdistill.export import export_run  # lazy: see the note at the top
 
-    info = export_run(args.run_dir, args.out, args.format, args.steps, args.ema, args.overwrite, args.rank, args.teacher)
+    info = export_run(args.run_dir, args.out, args.format, args.steps, args.ema, args.overwrite, args.rank, args.teacher, args.lora_layout)
     print(json.dumps(info, indent=2, default=str) if args.json else _summary(info))
     return 0
 

@@ -211,3 +211,27 @@ def test_sid_scaled_input_is_refused_not_exported_wrong(unet_student, tmp_path):
     with pytest.raises(ExportError, match="scale_input"):
         export_student(dataclasses.replace(unet_student, input_scale=scale), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_kohya_layout_loads_in_diffusers_as_the_diffusers_layout_does(tmp_path):
+    from diffdistill.backbones.tiny import tiny_pipeline
+    from diffdistill.export.lora import WEIGHT_NAME, output_difference
+
+    run = train(load_recipe(RECIPE, [f"out={tmp_path / 'run'}", *FAST, "method.student_lora_rank=4"]))  # adapters: no bias changes
+    student = load_student(run)
+    loaded = {}
+    for layout in ("diffusers", "kohya"):
+        info = export_student(student, tmp_path / layout, "lora", lora_layout=layout)
+        assert info["layout"] == layout
+        pipe = tiny_pipeline("unet", student.config.seed)  # the run's teacher, tiny:unet
+        pipe.load_lora_weights(str(tmp_path / layout))
+        loaded[layout] = pipe.unet
+    keys = load_file(str(tmp_path / "kohya" / WEIGHT_NAME))
+    assert keys and all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert output_difference(student, loaded["kohya"]) <= 1e-5 and output_difference(student, loaded["diffusers"]) <= 1e-5
+    assert output_difference(student, student.teacher.backbone) > 1e-3  # the adapters matter: the comparison is not vacuous
+
+
+def test_kohya_layout_refuses_bias_changes(unet_student, tmp_path):
+    with pytest.raises(ExportError, match="kohya layout has no LoRA bias"):
+        export_student(unet_student, tmp_path / "k", "lora", rank=4, lora_layout="kohya")

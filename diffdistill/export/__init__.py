@@ -69,7 +69,7 @@ def staged(out: Path):
 
 
 def export_student(student: Student, out, fmt: str = "diffusers", steps: int | None = None, overwrite: bool = False,
-                   rank: int = 64) -> dict:
+                   rank: int = 64, lora_layout: str = "diffusers") -> dict:
     """Writes ``student`` to ``out`` in ``fmt``; returns what was written and checked."""
     out = Path(out)
     check_destination(student.run_dir, out, fmt, overwrite)
@@ -81,16 +81,16 @@ def export_student(student: Student, out, fmt: str = "diffusers", steps: int | N
         elif fmt == "single-file":
             info = write_single_file(student, tmp, steps)
         else:
-            info = write_lora(student, tmp, steps, rank, str(out))
+            info = write_lora(student, tmp, steps, rank, str(out), lora_layout)
     return {**info, "out": str(out), "checkpoint": str(student.checkpoint), "ema": student.ema}
 
 
 def export_run(run_dir, out, fmt: str = "diffusers", steps: int | None = None, ema: bool | None = None, overwrite: bool = False,
-               rank: int = 64, teacher: str | None = None) -> dict:
+               rank: int = 64, teacher: str | None = None, lora_layout: str = "diffusers") -> dict:
     """``diffdistill export`` from Python: the latest checkpoint of ``run_dir`` to ``out``."""
     check_destination(Path(run_dir), Path(out), fmt, overwrite)  # fail before loading anything
     student = load_student(run_dir, ema=ema, teacher=teacher)
-    return export_student(student, out, fmt, steps, overwrite, rank)
+    return export_student(student, out, fmt, steps, overwrite, rank, lora_layout)
 
 
 __all__ = ["FORMATS", "ExportError", "Student", "export_run", "export_student", "load_student", "load_single_file"]

@@ -101,6 +101,29 @@ def to_state_dict(factors: dict, prefix: str) -> dict:
     return state
 
 
+def to_kohya(state: dict) -> dict:
+    """diffusers' PEFT keys in the kohya layout ComfyUI, A1111/Forge and kohya's scripts read:
+    ``lora_unet_<module with dots as underscores>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and
+    ``.alpha`` = rank (scale 1, as in the diffusers layout). diffusers' ``load_lora_weights`` reads it too."""
+    if any(key.endswith("lora_B.bias") for key in state):
+        raise ExportError("the kohya layout has no LoRA bias, and this student changed biases: export --lora-layout diffusers, "
+                          "or the diffusers/single-file formats for the exact student")
+    kohya = {}
+    for key, value in state.items():
+        component, rest = key.split(".", 1)
+        if component != "unet":
+            raise ExportError(f"--lora-layout kohya is written for UNet teachers (SD1.5/2.1, SDXL), not a {component}; use --lora-layout diffusers")
+        module, factor = rest.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_down.weight" if factor.startswith("A") else f"{name}.lora_up.weight"] = value
+        if factor.startswith("A"):
+            kohya[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
+    return kohya
+
+
+LORA_LAYOUTS = ("diffusers", "kohya")
+
+
 def merged(teacher_backbone, factors: dict):
     """The teacher with every factor applied, ``W + B A`` and ``b + bias``: what load_lora_weights computes."""
     model = copy.deepcopy(teacher_backbone).float()
@@ -159,9 +182,12 @@ def check_loadable(student: Student) -> None:
         raise ExportError(f"{name} has no LoRA loader in diffusers (no load_lora_weights); export --format diffusers or single-file")
 
 
-def write_lora(student: Student, out: Path, steps: int, rank: int, name: str | None = None) -> dict:
-    """Writes the adapter file, the student's scheduler (for its sampler), a report and a card."""
+def write_lora(student: Student, out: Path, steps: int, rank: int, name: str | None = None, layout: str = "diffusers") -> dict:
+    """Writes the adapter file (``layout``: diffusers/peft keys, or kohya's), the student's scheduler
+    (for its sampler), a report and a card."""
     check_loadable(student)
+    if layout not in LORA_LAYOUTS:
+        raise ExportError(f"--lora-layout {layout}: choose one of {', '.join(LORA_LAYOUTS)}")
     if rank < 1:
         raise ExportError(f"--rank {rank}: the LoRA rank must be at least 1")
     teacher = student.teacher
@@ -174,12 +200,12 @@ def write_lora(student: Student, out: Path, steps: int, rank: int, name: str | N
         raise ExportError("the student's Linear/Conv weights equal the teacher's: nothing to extract (did the generator train at all?)")
     out.mkdir(parents=True, exist_ok=True)
     state = to_state_dict(factors, teacher.component)
-    save_file(state, str(out / WEIGHT_NAME), metadata={"format": "pt"})
+    save_file(to_kohya(state) if layout == "kohya" else state, str(out / WEIGHT_NAME), metadata={"format": "pt"})
     report = {**lora_report(student, factors, errors, rank), "lora_bias": any(k.endswith("lora_B.bias") for k in state)}
     (out / "lora_report.json").write_text(json.dumps(report, indent=2))
     custom = _write_scheduler(student, out)
     (out / "README.md").write_text(model_card(student, "LoRA", _usage(student, name or str(out), steps, custom), _notes(report), _card_extra(report)))
-    return {"format": "lora", "steps": steps, **{k: v for k, v in report.items() if k != "relative_frobenius"}}
+    return {"format": "lora", "layout": layout, "steps": steps, **{k: v for k, v in report.items() if k != "relative_frobenius"}}
 
 
 def _write_scheduler(student: Student, out: Path) -> bool | None:
