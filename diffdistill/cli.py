@@ -77,14 +77,15 @@ def _eval(args) -> int:
     return run_eval(args)
 
 
-FORMAT_CHOICES = ("diffusers", "single-file", "lora")  # diffdistill.export.FORMATS, without importing it (see the note at the top)
+FORMAT_CHOICES = ("diffusers", "single-file", "lora", "original")  # diffdistill.export.FORMATS, without importing it (see the note at the top)
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a `diffdistill train` run folder (its out=)")
     parser.add_argument("--to", dest="out", required=True, metavar="OUT", help="folder to write (a .safetensors path for --format single-file)")
     parser.add_argument("--format", choices=FORMAT_CHOICES, default="diffusers",
-                        help="diffusers: a pipeline folder (default); single-file: one .safetensors with metadata; lora: adapters for the teacher")
+                        help="diffusers: a pipeline folder (default); single-file: one .safetensors with metadata; lora: adapters for the "
+                             "teacher; original: one .safetensors in the original SD layout (UNet, VAE, text encoder) for ComfyUI/A1111")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps the export is checked and documented for (default: all training timesteps)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: if the run kept them)")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank of the SVD extraction (--format lora)")
@@ -104,6 +105,10 @@ def _summary(info: dict) -> str:
                      f"{info['mean_relative_frobenius']:.3g}, max {info['max_relative_frobenius']:.3g}; max |output diff| "
                      f"{info['max_abs_output_diff']:.3g} (teacher vs student {info['max_abs_output_diff_teacher']:.3g}); "
                      f"{len(info['unrepresented'])} parameters without a LoRA form")
+    if info["format"] == "original":
+        sampling = info["sampling"]
+        lines.append(f"sample it with {sampling['steps']} step(s) at timesteps {sampling['timesteps']}, CFG 1 (guidance is baked in): "
+                     "in ComfyUI the LCM sampler with the sgm_uniform scheduler")
     return "\n".join(lines)
 
 

@@ -235,3 +235,34 @@ def test_kohya_layout_loads_in_diffusers_as_the_diffusers_layout_does(tmp_path):
 def test_kohya_layout_refuses_bias_changes(unet_student, tmp_path):
     with pytest.raises(ExportError, match="kohya layout has no LoRA bias"):
         export_student(unet_student, tmp_path / "k", "lora", rank=4, lora_layout="kohya")
+
+
+ORIGINAL_CHILD = r"""
+import sys
+sys.modules["diffdistill"] = None  # plain diffusers only
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+single, folder, config = sys.argv[1:4]
+loaded = StableDiffusionPipeline.from_single_file(single, config=config, local_files_only=True)
+exported = DiffusionPipeline.from_pretrained(folder)
+for name in ("unet", "vae", "text_encoder"):
+    a, b = getattr(loaded, name).state_dict(), getattr(exported, name).state_dict()
+    extra = set(b) - set(a)  # the folder's UNet adds a zero guidance embedding that switches CFG off in diffusers
+    assert set(a) <= set(b) and all("cond_proj" in k for k in extra), (name, sorted(extra)[:3])
+    print(name, max((a[k].float() - b[k].float()).abs().max().item() for k in a))
+"""
+
+
+def test_original_layout_loads_with_from_single_file_as_the_folder_export(runs, tmp_path, tiny_unet_dir):
+    info = export_run(runs["unet"], tmp_path / "student.safetensors", "original")
+    assert info["sampling"]["timesteps"] == [999, 749, 499, 249]
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."))
+               for k in load_file(str(tmp_path / "student.safetensors")))
+    export_run(runs["unet"], tmp_path / "folder")
+    out = subprocess.run([sys.executable, "-c", ORIGINAL_CHILD, str(tmp_path / "student.safetensors"), str(tmp_path / "folder"),
+                          str(tiny_unet_dir)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diffs = dict(line.split() for line in out.stdout.splitlines())
+    assert sorted(diffs) == ["text_encoder", "unet", "vae"] and all(float(d) == 0.0 for d in diffs.values()), diffs
+    with pytest.raises(ExportError, match="original"):
+        export_run(runs["dit"], tmp_path / "dit.safetensors", "original")

@@ -3,7 +3,9 @@
 * ``diffusers``   -- a pipeline folder plain ``DiffusionPipeline.from_pretrained`` loads and samples
   in K steps exactly as diffdistill does (:mod:`.diffusers_folder`);
 * ``single-file`` -- one ``.safetensors`` with the weights and the metadata to rebuild it (:mod:`.single_file`);
-* ``lora``        -- adapters for ``pipe.load_lora_weights`` on the teacher (:mod:`.lora`).
+* ``lora``        -- adapters for ``pipe.load_lora_weights`` on the teacher (:mod:`.lora`);
+* ``original``    -- one ``.safetensors`` in the original SD layout (UNet, VAE, text encoder) that
+  ComfyUI and A1111/Forge load (:mod:`.original`; SD1.5/2.x).
 
 Every format is written beside ``OUT`` under a hidden temporary name and renamed into place when
 complete, so ``OUT`` is never a half-written export; an existing ``OUT`` is replaced only with
@@ -19,10 +21,12 @@ from pathlib import Path
 
 from diffdistill.export.diffusers_folder import write_diffusers
 from diffdistill.export.lora import write_lora
+from diffdistill.export.original import write_original
 from diffdistill.export.single_file import load_single_file, write_single_file
 from diffdistill.export.student import ExportError, Student, inference_timesteps, load_student
 
-FORMATS = ("diffusers", "single-file", "lora")
+FORMATS = ("diffusers", "single-file", "lora", "original")
+FILE_FORMATS = ("single-file", "original")  # one .safetensors; the others write folders
 
 
 def _remove(path: Path) -> None:
@@ -36,9 +40,9 @@ def check_destination(run_dir: Path, out: Path, fmt: str, overwrite: bool) -> No
     """Refuses, before any work, an OUT that exists (without overwrite), has the wrong form, or holds the run."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "single-file" and out.suffix != ".safetensors":
-        raise ExportError(f"--format single-file writes one file: give --to a path ending in .safetensors, not {str(out)!r}")
-    if fmt != "single-file" and out.suffix == ".safetensors":
+    if fmt in FILE_FORMATS and out.suffix != ".safetensors":
+        raise ExportError(f"--format {fmt} writes one file: give --to a path ending in .safetensors, not {str(out)!r}")
+    if fmt not in FILE_FORMATS and out.suffix == ".safetensors":
         raise ExportError(f"--format {fmt} writes a folder; {str(out)!r} looks like a file name (use --format single-file for one file)")
     run, target = run_dir.resolve(), out.resolve()
     if target == run or target in run.parents:
@@ -80,6 +84,8 @@ def export_student(student: Student, out, fmt: str = "diffusers", steps: int | N
             info = write_diffusers(student, tmp, steps, str(out))
         elif fmt == "single-file":
             info = write_single_file(student, tmp, steps)
+        elif fmt == "original":
+            info = write_original(student, tmp, steps)
         else:
             info = write_lora(student, tmp, steps, rank, str(out), lora_layout)
     return {**info, "out": str(out), "checkpoint": str(student.checkpoint), "ema": student.ema}
