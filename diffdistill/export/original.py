@@ -73,6 +73,9 @@ def unet_to_original(state: dict, config) -> dict:
     modules = unet_module_names(config)
     if config.get("addition_embed_type"):
         raise ExportError("--format original writes SD1.5/2.x UNets; this one has SDXL's added conditioning: use --format diffusers")
+    if config.get("time_cond_proj_dim"):
+        raise ExportError("this student has a guidance embedding (time_cond_proj), which the original layout has no place for: "
+                          "use --format diffusers or single-file")
     out = {}
     for key, value in state.items():
         parts = RESNET_PARTS if ".resnets." in key else ()
