@@ -1,7 +1,8 @@
 """``diffdistill``: the command line. Parses arguments and calls the library; nothing else.
 
     diffdistill train RECIPE [key=value ...]   distill (or fine-tune) as a recipe says
-    diffdistill tiny-sd OUT [--arch unet|dit|sd3]   write a tiny pipeline folder, offline
+    diffdistill encode-latents RECIPE --to DIR  the recipe's images through its teacher's VAE once, as latent shards
+    diffdistill tiny-sd OUT [--arch unet|dit|sd3|sdxl]   write a tiny pipeline folder, offline
     diffdistill eval PIPELINE_DIR --benchmark ...   FID / KID / CLIP score on the papers' protocol
     diffdistill export RUN_DIR --to OUT        a diffusers folder / single file / LoRA of the student
     diffdistill quickstart [--method dmd2]      the README's first command: distill the bundled digits teacher on CPU
@@ -28,6 +29,19 @@ def _train(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     run_dir = train(cfg)
     print(f"run folder: {run_dir}")
+    return 0
+
+
+def _encode_latents(args) -> int:
+    from diffdistill.config import load_recipe  # lazy: see the note at the top
+    from diffdistill.data.sources import encode_dataset  # lazy: see the note at the top
+    from diffdistill.teachers import resolve_teacher  # lazy: see the note at the top
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    teacher = resolve_teacher(cfg.teacher, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code,
+                              seed=cfg.seed)
+    out = encode_dataset(cfg, teacher, args.to, args.shard_size)
+    print(f"wrote latent shards to {out}; train on them with data.source=latents data.path={out}")
     return 0
 
 
@@ -146,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/sft.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe key, e.g. out=runs/x max_steps=20")
     train.set_defaults(func=_train)
+
+    enc = verbs.add_parser("encode-latents", help="encode a recipe's images with its teacher's VAE once, as latent shards",
+                           description="Run the teacher's VAE once over the recipe's image data (data.source digits or imagefolder) and "
+                                       "write latent shards that training reads with data.source=latents data.path=DIR.")
+    enc.add_argument("recipe", help="recipe YAML whose teacher and data to use")
+    enc.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe key, e.g. data.path=/data/images")
+    enc.add_argument("--to", required=True, help="new folder for the shards and their index.json")
+    enc.add_argument("--shard-size", type=int, default=1024, help="latents per shard file")
+    enc.set_defaults(func=_encode_latents)
 
     tiny = verbs.add_parser("tiny-sd", help="write a tiny pipeline folder, offline", description="Write a tiny randomly initialized diffusers pipeline (backbone, VAE, text encoder, tokenizer, scheduler) that plain DiffusionPipeline.from_pretrained loads. For tests and demos.")
     tiny.add_argument("out", help="folder to write")

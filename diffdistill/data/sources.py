@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from diffdistill.data.digits import digit_prompt, load_digits_images
+from diffdistill.data.latent_shards import LatentShards, write_latent_shards
 from diffdistill.randomness import derive_seed
 
 
@@ -66,24 +67,46 @@ def image_resolution(teacher, data_cfg) -> int:
     return teacher.latent_shape[-1] * teacher.pipe.vae_scale_factor
 
 
-def _digits(cfg, teacher):
-    images, labels = load_digits_images(image_resolution(teacher, cfg.data))
-    prompts = [digit_prompt(int(label), i) for i, label in enumerate(labels)]
-    return prompts, encode_images(teacher, images)
-
-
-def _imagefolder(cfg, teacher):
+def image_source(cfg, teacher):
+    """(captions, load) for a recipe's image data: ``load(a, b)`` gives images a..b-1 in [-1, 1]."""
+    size = image_resolution(teacher, cfg.data)
+    if cfg.data.source == "digits":
+        images, labels = load_digits_images(size)
+        return [digit_prompt(int(label), i) for i, label in enumerate(labels)], lambda a, b: images[a:b]
+    if cfg.data.source != "imagefolder":
+        raise ValueError(f"data.source={cfg.data.source!r} has no images to encode: use digits or imagefolder")
     root = Path(cfg.data.path or "")
     meta = root / "metadata.jsonl"
     if not meta.is_file():
         raise FileNotFoundError(f"data.path={str(root)!r} needs a metadata.jsonl with one {{\"file_name\", \"text\"}} object a line")
     rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-    size = image_resolution(teacher, cfg.data)
-    def load(name):
+
+    def load_one(name):
         image = Image.open(root / name).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
-    images = torch.stack([load(r["file_name"]) for r in rows]).float() / 127.5 - 1
-    return [r["text"] for r in rows], encode_images(teacher, images)
+
+    return [r["text"] for r in rows], lambda a, b: torch.stack([load_one(r["file_name"]) for r in rows[a:b]]).float() / 127.5 - 1
+
+
+def _images(cfg, teacher):
+    prompts, load = image_source(cfg, teacher)
+    return prompts, encode_images(teacher, load(0, len(prompts)))
+
+
+def _latents(cfg, teacher):
+    shards = LatentShards(cfg.data.path or "")
+    if tuple(shards.index["latent_shape"]) != tuple(teacher.latent_shape):
+        raise ValueError(f"data.path={cfg.data.path!r} holds latents of shape {shards.index['latent_shape']}, but this teacher's are "
+                         f"{list(teacher.latent_shape)}: encode them with this teacher (`diffdistill encode-latents`)")
+    return shards.prompts(), shards
+
+
+def encode_dataset(cfg, teacher, out, shard_size: int = 1024, chunk: int = 256) -> Path:
+    """``diffdistill encode-latents``: the recipe's images through the teacher's VAE once, as shards."""
+    prompts, load = image_source(cfg, teacher)
+    chunks = (encode_images(teacher, load(a, a + chunk)) for a in range(0, len(prompts), chunk))  # chunk: a multiple of encode's 64
+    info = {"teacher": cfg.teacher, "source": cfg.data.source, "resolution": image_resolution(teacher, cfg.data)}
+    return write_latent_shards(Path(out), prompts, chunks, info, shard_size)
 
 
 def _prompts(cfg, teacher):
@@ -96,7 +119,7 @@ def _prompts(cfg, teacher):
     return prompts, None
 
 
-_SOURCES = {"digits": _digits, "imagefolder": _imagefolder, "prompts": _prompts}
+_SOURCES = {"digits": _images, "imagefolder": _images, "latents": _latents, "prompts": _prompts}
 
 
 def build_data_source(cfg, teacher) -> DataSource:
