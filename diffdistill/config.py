@@ -23,10 +23,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "prompts"            # prompts | digits | imagefolder | latents (shards of `diffdistill encode-latents`)
+    source: str = "prompts"            # prompts | digits | imagefolder | webdataset (tar shards) | latents (`diffdistill encode-latents`)
     prompts: list[str] = field(default_factory=list)  # inline prompts (source=prompts)
     prompts_file: str | None = None    # one prompt a line (source=prompts), e.g. the COCO-30k caption list
-    path: str | None = None            # imagefolder root with metadata.jsonl ({"file_name", "text"} per line), or a latents folder
+    path: str | None = None            # imagefolder root with metadata.jsonl ({"file_name", "text"} a line); webdataset: tar files (glob); latents folder
     resolution: int | None = None      # image side in pixels; None: the backbone's sample_size x VAE factor
     uncond_prob: float = 0.0           # share of prompts replaced by "" (0.1 when training a teacher, so CFG works)
 
@@ -186,7 +186,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "teacher_dtype": ("float32", "bfloat16", "float16"),
-    "data.source": ("prompts", "digits", "imagefolder", "latents"),
+    "data.source": ("prompts", "digits", "imagefolder", "webdataset", "latents"),
 }
 
 

@@ -36,3 +36,48 @@ def test_latents_from_another_teacher_or_no_index_are_refused(tmp_path):
     index.write_text(index.read_text().replace('"latent_shape": [', '"latent_shape": [16, '))  # as from a VAE with other latents
     with pytest.raises(Exception, match="encode them with this teacher"):
         build_trainer(load_recipe(RECIPE, ["data.source=latents", f"data.path={tmp_path / 'latents'}", f"out={tmp_path / 'r'}"]))
+
+
+def write_images(root: Path, count: int = 12) -> list[tuple[str, bytes, str]]:
+    """An imagefolder and the same samples as two WebDataset tar shards."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    g, samples = torch.Generator().manual_seed(0), []
+    (root / "folder").mkdir(parents=True)
+    for i in range(count):
+        pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        samples.append((f"{i:06d}", buffer.getvalue(), f"picture number {i}"))
+        (root / "folder" / f"{i:06d}.png").write_bytes(buffer.getvalue())
+    (root / "folder" / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{k}.png", "text": c}) + "\n" for k, _, c in samples))
+    (root / "shards").mkdir()
+    for shard in range(2):
+        with tarfile.open(root / "shards" / f"{shard:05d}.tar", "w") as tar:
+            for key, png, caption in samples[shard * count // 2 : (shard + 1) * count // 2]:
+                for name, data in ((f"{key}.png", png), (f"{key}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return samples
+
+
+def test_webdataset_shards_give_the_imagefolders_items(tmp_path):
+    from diffdistill.teachers import resolve_teacher
+
+    write_images(tmp_path)
+    teacher, tiny = resolve_teacher("tiny:unet"), load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "sft.yaml")
+    sources = {}
+    for source, path in (("imagefolder", tmp_path / "folder"), ("webdataset", tmp_path / "shards" / "*.tar")):
+        tiny.data.source, tiny.data.path = source, str(path)
+        sources[source] = build_data_source(tiny, teacher)
+    for start in (0, 5, 17):
+        a, b = sources["imagefolder"].items(start, 4), sources["webdataset"].items(start, 4)
+        assert a["prompts"] == b["prompts"] and torch.equal(a["x0"], b["x0"])
+    tiny.data.path = str(tmp_path / "nothing" / "*.tar")
+    with pytest.raises(FileNotFoundError, match="matches no .tar shard"):
+        build_data_source(tiny, teacher)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from diffdistill.data.digits import digit_prompt, load_digits_images
 from diffdistill.data.latent_shards import LatentShards, write_latent_shards
+from diffdistill.data.webdataset import WebDatasetShards
 from diffdistill.randomness import derive_seed
 
 
@@ -73,19 +74,26 @@ def image_source(cfg, teacher):
     if cfg.data.source == "digits":
         images, labels = load_digits_images(size)
         return [digit_prompt(int(label), i) for i, label in enumerate(labels)], lambda a, b: images[a:b]
+    if cfg.data.source == "webdataset":
+        samples = WebDatasetShards(cfg.data.path)
+        return samples.captions, lambda a, b: _pixels([samples.image(i) for i in range(a, min(b, len(samples)))], size)
     if cfg.data.source != "imagefolder":
-        raise ValueError(f"data.source={cfg.data.source!r} has no images to encode: use digits or imagefolder")
+        raise ValueError(f"data.source={cfg.data.source!r} has no images to encode: use digits, imagefolder or webdataset")
     root = Path(cfg.data.path or "")
     meta = root / "metadata.jsonl"
     if not meta.is_file():
         raise FileNotFoundError(f"data.path={str(root)!r} needs a metadata.jsonl with one {{\"file_name\", \"text\"}} object a line")
     rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+    return [r["text"] for r in rows], lambda a, b: _pixels([Image.open(root / r["file_name"]) for r in rows[a:b]], size)
 
-    def load_one(name):
-        image = Image.open(root / name).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+
+def _pixels(images: list, size: int) -> torch.Tensor:
+    """PIL images, resized to size x size (bicubic), as one (N, 3, size, size) tensor in [-1, 1]."""
+    def one(image):
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
-    return [r["text"] for r in rows], lambda a, b: torch.stack([load_one(r["file_name"]) for r in rows[a:b]]).float() / 127.5 - 1
+    return torch.stack([one(image) for image in images]).float() / 127.5 - 1
 
 
 def _images(cfg, teacher):
@@ -119,7 +127,7 @@ def _prompts(cfg, teacher):
     return prompts, None
 
 
-_SOURCES = {"digits": _images, "imagefolder": _images, "latents": _latents, "prompts": _prompts}
+_SOURCES = {"digits": _images, "imagefolder": _images, "webdataset": _images, "latents": _latents, "prompts": _prompts}
 
 
 def build_data_source(cfg, teacher) -> DataSource:
