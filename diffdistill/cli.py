@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from diffdistill.eval.arguments import add_eval_arguments  # light: argparse only
@@ -133,6 +134,7 @@ def _plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffdistill", description="Distill many-step diffusion models into one- and few-step generators.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('diffdistill').__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: DIFFDISTILL_DEBUG=1)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     train = verbs.add_parser("train", help="train as a recipe says", description="Train (distill) as a YAML recipe says; key=value pairs override recipe keys (dotted for sections, e.g. optim.lr=1e-5).")
@@ -189,19 +191,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # first: --help and usage errors answer before torch loads
-    from diffdistill.backbones.loading import CheckpointError  # lazy: see the note at the top
-    from diffdistill.config import ConfigError  # lazy: see the note at the top
-    from diffdistill.engine.trainer import TrainingDiverged  # lazy: see the note at the top
+    from diffdistill.cli_errors import EXIT_ERROR, EXIT_INTERRUPTED, debug_requested, expected_errors, one_line  # lazy: see the note at the top
+    from diffdistill.engine import trainer  # lazy: see the note at the top
 
+    debug = debug_requested(args.debug)
+    interrupted = (KeyboardInterrupt, *[c for c in [getattr(trainer, "TrainingInterrupted", None)] if c is not None])
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
+    except interrupted as e:
+        _traceback_if(debug)
+        print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except expected_errors() as e:
+        _traceback_if(debug)
+        print(one_line(e), file=sys.stderr)
+        return EXIT_ERROR
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        _traceback_if(debug)
+        print(one_line(e), file=sys.stderr)
+        e.code = EXIT_ERROR  # re-raised, so callers that catch SystemExit still see its message; the shell sees 2
+        raise
 
+
+def _traceback_if(debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
 
 if __name__ == "__main__":
     raise SystemExit(main())
