@@ -44,14 +44,14 @@ def _tiny_sd(args) -> int:
 
 
 def _quickstart(args) -> int:
-    from diffdistill.zoo.quickstart import results_table, run_quickstart  # lazy: see the note at the top
+    from diffdistill.zoo.quickstart import results_table, run_quickstart, training_summary  # lazy: see the note at the top
 
     overrides = list(args.overrides) + ([f"max_steps={args.steps}"] if args.steps else [])
     results = run_quickstart(args.method, args.out, overrides, num_samples=args.samples, latency_repeats=args.latency_repeats)
     print()
     print(results_table(results))
     print(f"\n{args.method} student: one step, {results['speedup']:.1f}x faster than the 25-step guided teacher per image; "
-          f"trained {results['train_steps']} steps in {results['train_seconds']:.0f} s")
+          f"{training_summary(results)}")
     print(f"exported diffusers pipeline: {results['export_dir']}  (DiffusionPipeline.from_pretrained(...)(\"the number seven\", num_inference_steps=1))")
     print(f"grids, loss curve and results.json in {args.out}")
     return 0
