@@ -191,17 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # first: --help and usage errors answer before torch loads
-    from diffdistill.cli_errors import EXIT_ERROR, EXIT_INTERRUPTED, debug_requested, expected_errors, one_line  # lazy: see the note at the top
+    from diffdistill.cli_errors import (  # lazy: see the note at the top
+        EXIT_ERROR,
+        EXIT_INTERRUPTED,
+        Interrupted,
+        debug_requested,
+        expected_errors,
+        one_line,
+    )
     from diffdistill.engine import trainer  # lazy: see the note at the top
 
     debug = debug_requested(args.debug)
-    interrupted = (KeyboardInterrupt, *[c for c in [getattr(trainer, "TrainingInterrupted", None)] if c is not None])
+    stopped = getattr(trainer, "TrainingInterrupted", KeyboardInterrupt)  # training's own, where it checkpoints on SIGINT/SIGTERM
     try:
         return args.func(args)
-    except interrupted as e:
+    except (KeyboardInterrupt, stopped) as e:
         _traceback_if(debug)
         print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        raise Interrupted(EXIT_INTERRUPTED) from None
     except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 def _traceback_if(debug: bool) -> None:
     if debug:
         traceback.print_exc()
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

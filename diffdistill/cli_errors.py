@@ -29,6 +29,11 @@ OS_FIXES = {  # errno -> the fix, for the OSErrors a user meets on a real machin
 }
 
 
+class Interrupted(SystemExit, KeyboardInterrupt):
+    """Ctrl-C, once reported: the interpreter exits with its code (130) and no traceback, as for any
+    SystemExit, while Python callers of ``main()`` (a notebook, a test) still catch a KeyboardInterrupt."""
+
+
 def debug_requested(flag: bool) -> bool:
     return flag or os.environ.get("DIFFDISTILL_DEBUG", "") not in ("", "0")
 
