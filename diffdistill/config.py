@@ -285,8 +285,8 @@ def _read_recipe(path: Path) -> dict:
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     data = _read_recipe(Path(path)) if path is not None else {}
     cfg = from_dict(TrainConfig, apply_overrides(data, list(overrides)))
+    _check_ranges(cfg)  # first: batch_size=0 is out of range before it is a bad multiple
     _check_choices(cfg)
-    _check_ranges(cfg)
     return cfg
 
 
