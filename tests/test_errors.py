@@ -119,7 +119,7 @@ def test_damaged_weights_name_the_file(damage, tiny_pipeline, tmp_path, capsys):
     data = weights.read_bytes()
     weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x07" * 4096, "empty": b""}[damage])
     line = fails_with_one_line(capsys, ["train", RECIPE, f"teacher={teacher}", f"out={tmp_path / 'run'}"])
-    assert "diffusion_pytorch_model.safetensors" in line and "damaged" in line
+    assert "diffusion_pytorch_model.safetensors" in line and "is a damaged .safetensors file" in line and "re-download" in line
 
 
 # ---------------------------------------------------------------- the machine: disk, permissions, Ctrl-C
