@@ -390,20 +390,23 @@ def test_damaged_or_swapped_images_are_generated_again(assets, tmp_path):
 
     pipeline = load_pipeline(str(assets["pipeline"]), "cpu", torch.float32)
     kwargs = generation.pipeline_call_kwargs(pipeline, 1, GUIDANCE, RESOLUTION)
-    captions, images = ["a red cube", "a cat", "the sea"], tmp_path / "images"
-    first = generation.generate_images(pipeline, captions, images, batch_size=3, seed=0, call_kwargs=kwargs)
-    assert first.generated == 3 and (images / generation.MANIFEST).is_file()
-    originals = [generation.image_path(images, i).read_bytes() for i in range(3)]
+    captions, images = ["a red cube", "a cat", "the sea", "a dog"], tmp_path / "images"
+    first = generation.generate_images(pipeline, captions, images, batch_size=4, seed=0, call_kwargs=kwargs)
+    assert first.generated == 4 and (images / generation.MANIFEST).is_file()
+    originals = [generation.image_path(images, i).read_bytes() for i in range(4)]
 
     generation.image_path(images, 0).write_bytes(originals[0][: len(originals[0]) // 2])  # truncated
     generation.image_path(images, 1).write_bytes(originals[2])  # a valid image from elsewhere
     generation.image_path(images, 2).unlink()  # missing
-    again = generation.generate_images(pipeline, captions, images, batch_size=3, seed=0, call_kwargs=kwargs)
-    assert (again.found_on_disk, again.generated, again.rejected) == (0, 3, 2)
-    assert [generation.image_path(images, i).read_bytes() for i in range(3)] == originals
+    altered = bytearray(originals[3])
+    altered[len(altered) // 2] ^= 0xFF  # same size, one byte changed
+    generation.image_path(images, 3).write_bytes(bytes(altered))
+    again = generation.generate_images(pipeline, captions, images, batch_size=4, seed=0, call_kwargs=kwargs)
+    assert (again.found_on_disk, again.generated, again.rejected) == (0, 4, 3)
+    assert [generation.image_path(images, i).read_bytes() for i in range(4)] == originals
 
-    untouched = generation.generate_images(pipeline, captions, images, batch_size=3, seed=0, call_kwargs=kwargs)
-    assert (untouched.found_on_disk, untouched.generated) == (3, 0)
+    untouched = generation.generate_images(pipeline, captions, images, batch_size=4, seed=0, call_kwargs=kwargs)
+    assert (untouched.found_on_disk, untouched.generated) == (4, 0)
 
 
 def test_an_image_without_a_record_is_not_trusted(assets, tmp_path):
