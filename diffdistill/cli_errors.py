@@ -40,9 +40,9 @@ def debug_requested(flag: bool) -> bool:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The classes of the failures a user can fix (imported here, lazily: they pull in torch)."""
-    from diffdistill.backbones.loading import CheckpointError  # ExportError is one
-    from diffdistill.config import ConfigError
-    from diffdistill.eval import MissingWeightsError
+    from diffdistill.backbones.loading import CheckpointError  # lazy, as in cli.py; ExportError is one
+    from diffdistill.config import ConfigError  # lazy, as in cli.py
+    from diffdistill.eval import MissingWeightsError  # lazy, as in cli.py
 
     return (ConfigError, CheckpointError, MissingWeightsError, OSError, SafetensorError, yaml.YAMLError,
             UnicodeDecodeError, json.JSONDecodeError)
