@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             if args.eval_only:
                 seconds = last_logged_row(run_dir)["train_seconds"]
             else:
-                _, seconds = distill(method, run_dir, [*budget, f"seed={args.seed}", "checkpoint_every=1000000"])
+                _, seconds, _ = distill(method, run_dir, [*budget, f"seed={args.seed}", "checkpoint_every=1000000"])
             export_run(run_dir, args.out / method / "student", "diffusers", overwrite=True)
         except Exception as e:  # one method's failure (e.g. a student the exporter cannot write) is a row, not the end
             rows.append({"name": method, "error": f"{type(e).__name__}: {str(e)[:120]}"})

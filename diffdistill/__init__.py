@@ -17,7 +17,7 @@ so it sits above ``denoiser``, while the backbone adapters sit below it).
     5  engine                                                   the training loop, checkpoints, logging
     6  run                                                      assembly: teacher + data + method -> trainer
     7  export, eval, toy, plan                                  what users do with a run
-    8  zoo                                                      the bundled teacher, its judge, the quickstart
+    8  zoo, cli_errors                                          the bundled teacher, its judge, the quickstart; errors as one line
     9  cli                                                      the command line
    10  __main__                                                 python -m diffdistill
 """
@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine",),
     ("run",),
     ("export", "eval", "toy", "plan"),
-    ("zoo",),
+    ("zoo", "cli_errors"),
     ("cli",),
     ("__main__",),
 )

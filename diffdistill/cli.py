@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from diffdistill.eval.arguments import add_eval_arguments  # light: argparse only
@@ -57,14 +58,14 @@ def _tiny_sd(args) -> int:
 
 
 def _quickstart(args) -> int:
-    from diffdistill.zoo.quickstart import results_table, run_quickstart  # lazy: see the note at the top
+    from diffdistill.zoo.quickstart import results_table, run_quickstart, training_summary  # lazy: see the note at the top
 
     overrides = list(args.overrides) + ([f"max_steps={args.steps}"] if args.steps else [])
     results = run_quickstart(args.method, args.out, overrides, num_samples=args.samples, latency_repeats=args.latency_repeats)
     print()
     print(results_table(results))
     print(f"\n{args.method} student: one step, {results['speedup']:.1f}x faster than the 25-step guided teacher per image; "
-          f"trained {results['train_steps']} steps in {results['train_seconds']:.0f} s")
+          f"{training_summary(results)}")
     print(f"exported diffusers pipeline: {results['export_dir']}  (DiffusionPipeline.from_pretrained(...)(\"the number seven\", num_inference_steps=1))")
     print(f"grids, loss curve and results.json in {args.out}")
     return 0
@@ -154,6 +155,7 @@ def _plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffdistill", description="Distill many-step diffusion models into one- and few-step generators.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('diffdistill').__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: DIFFDISTILL_DEBUG=1)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     train = verbs.add_parser("train", help="train as a recipe says", description="Train (distill) as a YAML recipe says; key=value pairs override recipe keys (dotted for sections, e.g. optim.lr=1e-5).")
@@ -220,18 +222,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # first: --help and usage errors answer before torch loads
-    from diffdistill.backbones.loading import CheckpointError  # lazy: see the note at the top
-    from diffdistill.config import ConfigError  # lazy: see the note at the top
-    from diffdistill.engine.trainer import TrainingDiverged  # lazy: see the note at the top
+    from diffdistill.cli_errors import (  # lazy: see the note at the top
+        EXIT_ERROR,
+        EXIT_INTERRUPTED,
+        Interrupted,
+        debug_requested,
+        expected_errors,
+        one_line,
+    )
+    from diffdistill.engine import trainer  # lazy: see the note at the top
 
+    debug = debug_requested(args.debug)
+    stopped = getattr(trainer, "TrainingInterrupted", KeyboardInterrupt)  # training's own, where it checkpoints on SIGINT/SIGTERM
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
+    except (KeyboardInterrupt, stopped) as e:
+        _traceback_if(debug)
+        print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        raise Interrupted(EXIT_INTERRUPTED) from None
+    except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except expected_errors() as e:
+        _traceback_if(debug)
+        print(one_line(e), file=sys.stderr)
+        return EXIT_ERROR
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        _traceback_if(debug)
+        print(one_line(e), file=sys.stderr)
+        e.code = EXIT_ERROR  # re-raised, so callers that catch SystemExit still see its message; the shell sees 2
+        raise
+
+
+def _traceback_if(debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

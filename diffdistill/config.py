@@ -173,7 +173,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _parse_override_value(key, raw)
         node, parts = data, key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -181,6 +181,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {key!r}: {part!r} is not a section")
         node[parts[-1]] = value
     return data
+
+
+def _parse_override_value(key: str, raw: str):
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {key}={raw}: the value is not valid YAML ({problem}); quote it, e.g. {key}='{raw}'") from None
 
 
 CHOICES = {
@@ -203,18 +213,80 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a positive multiple of grad_accum={cfg.grad_accum}")
     if not isinstance(cfg.method.get("name"), str):
         raise ConfigError("method must be a mapping with a 'name', e.g. method: {name: dmd2}")
+    if Path(cfg.out).is_file():
+        raise ConfigError(f"out={cfg.out!r} is a file; out= names the run folder (new, or one to resume)")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: ``low``/``high`` bounds, each inclusive unless marked open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = self.low is None or value > self.low or (value == self.low and not self.low_open)
+        below = self.high is None or value < self.high or (value == self.high and not self.high_open)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_ONE, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+FRACTION_BELOW_ONE = Range(0, 1, high_open=True)  # decays and Adam betas: 1 would never forget
+OPTIM_RANGES = {"lr": POSITIVE, "betas": FRACTION_BELOW_ONE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE,
+                "warmup_steps": NON_NEGATIVE, "grad_clip": NON_NEGATIVE}
+RANGES = {
+    "max_steps": AT_LEAST_ONE, "checkpoint_every": AT_LEAST_ONE, "log_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "sample_every": NON_NEGATIVE, "sample_steps": AT_LEAST_ONE,
+    "sample_guidance": NON_NEGATIVE, "time_limit_minutes": NON_NEGATIVE, "ema_decay": FRACTION_BELOW_ONE,
+    "data.resolution": AT_LEAST_ONE, "data.uncond_prob": Range(0, 1),
+    **{f"{section}.{key}": r for section in ("optim", "critic_optim") for key, r in OPTIM_RANGES.items()},
+}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Every numeric key with a domain, so that max_steps=-1 or ema_decay=2 fails here and not silently later."""
+    for key, allowed in RANGES.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        for value in node if isinstance(node, list) else [node]:
+            if value is not None and value not in allowed:
+                raise ConfigError(f"{key}={node!r} is out of range: it must be {allowed}")
+
+
+def _read_recipe(path: Path) -> dict:
+    """The recipe file as a mapping; an unreadable, non-UTF-8, malformed or empty file is a ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; shipped recipes are under recipes/ (e.g. recipes/tiny/sft.yaml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "cannot be parsed"
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML{where}: {problem}; fix that line") from None
+    if data is None:
+        raise ConfigError(f"recipe {str(path)!r} is empty; give keys such as teacher:, method: and out: (see recipes/tiny/sft.yaml)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of keys to values")
+    return data
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {str(path)!r} does not exist; shipped recipes are under recipes/ (e.g. recipes/tiny/sft.yaml)")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {str(path)!r} must be a mapping of keys to values")
+    data = _read_recipe(Path(path)) if path is not None else {}
     cfg = from_dict(TrainConfig, apply_overrides(data, list(overrides)))
+    _check_ranges(cfg)  # first: batch_size=0 is out of range before it is a bad multiple
     _check_choices(cfg)
     return cfg
 

@@ -7,6 +7,7 @@ Method protocol; benchmarks and the toy pass their own teacher and data through 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -26,12 +27,21 @@ from diffdistill.teachers import resolve_teacher
 def build_trainer(cfg: TrainConfig, teacher=None, data=None) -> Trainer:
     """The trainer for ``cfg``; ``teacher`` and ``data`` default to what the recipe names."""
     accelerator = make_accelerator(cfg)  # first, so a batch that does not split fails before any loading
+    announce_precision_without_gpu(cfg, accelerator)
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights (e.g. GAN heads) on every rank
     teacher = teacher or load_recipe_teacher(cfg, accelerator)
     place_teacher(teacher, accelerator.device)  # before the method: DMD's regression pairs sample the teacher there
     data = data or build_data_source(cfg, teacher)
     method = build_method(cfg.method, teacher, cfg, data.prompts)
     return Trainer(cfg, teacher, method, data, accelerator)
+
+
+def announce_precision_without_gpu(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """A recipe written for GPUs asks for mixed precision; on a machine without CUDA that is CPU autocast,
+    which a user should hear about once rather than find in the timings."""
+    if cfg.mixed_precision != "no" and accelerator.device.type == "cpu" and accelerator.is_main_process:
+        print(f"note: mixed_precision={cfg.mixed_precision} on a machine without CUDA: autocast runs on the CPU, usually slower "
+              "than float32 there; set mixed_precision=no to train in float32", file=sys.stderr)
 
 
 def load_recipe_teacher(cfg: TrainConfig, accelerator: Accelerator) -> Teacher:
@@ -60,4 +70,4 @@ def train(cfg: TrainConfig) -> Path:
     return build_trainer(cfg).fit()
 
 
-__all__ = ["build_trainer", "load_recipe_teacher", "teacher_networks", "train"]
+__all__ = ["announce_precision_without_gpu", "build_trainer", "load_recipe_teacher", "teacher_networks", "train"]

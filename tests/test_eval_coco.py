@@ -337,3 +337,82 @@ def test_resuming_with_other_settings_is_refused(assets, tmp_path):
     (out / "generation.json").write_text(json.dumps({"seed": 123}))
     with pytest.raises(SystemExit, match="other settings"):
         diffdistill_eval(eval_argv(assets, out, "--benchmark", "prompts", "--prompts", str(assets["prompts"])))
+
+
+# ---------------------------------------------------------------- inputs refused, cache verified
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("num, words", [("0", "at least 1"), ("-1", "at least 1"), ("4", "more than the 3 prompts")])
+def test_num_outside_one_to_the_prompts_available_is_refused(num, words, assets, tmp_path, capsys):
+    argv = eval_argv(assets, tmp_path / "out", "--benchmark", "prompts", "--prompts", str(assets["prompts"]), "--num", num)
+    assert diffdistill_eval(argv) == 2
+    line = one_error_line(capsys)
+    assert f"--num {num}" in line and words in line and not (tmp_path / "out").exists()
+
+
+def test_num_zero_never_means_the_whole_benchmark(assets, tmp_path, capsys):
+    assert diffdistill_eval(eval_argv(assets, tmp_path / "out", "--benchmark", "coco2014-30k", "--num", "0")) == 2
+    assert "--num 0" in one_error_line(capsys)
+
+
+def test_a_non_utf8_prompts_file_is_one_line(assets, tmp_path, capsys):
+    prompts = tmp_path / "latin1.txt"
+    prompts.write_bytes("un caf\xe9\nune cr\xeape\n".encode("latin-1"))
+    assert diffdistill_eval(eval_argv(assets, tmp_path / "out", "--benchmark", "prompts", "--prompts", str(prompts))) == 2
+    line = one_error_line(capsys)
+    assert "latin1.txt" in line and "not UTF-8" in line
+
+
+def test_every_input_problem_is_listed_at_once(assets, tmp_path, capsys):
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{not json")
+    argv = eval_argv(assets, tmp_path / "out", "--benchmark", "prompts", "--prompts", str(tmp_path / "missing.txt"))
+    argv[0] = str(pipeline)
+    argv[argv.index("--inception") + 1] = str(tmp_path / "no-inception.pt")
+    argv[argv.index("--clip") + 1] = str(tmp_path / "no-clip")
+    assert diffdistill_eval(argv) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: 4 problems")
+    for named in ("no-inception.pt", "no-clip", "model_index.json", "missing.txt"):
+        assert named in line
+
+
+def test_damaged_or_swapped_images_are_generated_again(assets, tmp_path):
+    from diffdistill.eval.run import load_pipeline
+
+    pipeline = load_pipeline(str(assets["pipeline"]), "cpu", torch.float32)
+    kwargs = generation.pipeline_call_kwargs(pipeline, 1, GUIDANCE, RESOLUTION)
+    captions, images = ["a red cube", "a cat", "the sea", "a dog"], tmp_path / "images"
+    first = generation.generate_images(pipeline, captions, images, batch_size=4, seed=0, call_kwargs=kwargs)
+    assert first.generated == 4 and (images / generation.MANIFEST).is_file()
+    originals = [generation.image_path(images, i).read_bytes() for i in range(4)]
+
+    generation.image_path(images, 0).write_bytes(originals[0][: len(originals[0]) // 2])  # truncated
+    generation.image_path(images, 1).write_bytes(originals[2])  # a valid image from elsewhere
+    generation.image_path(images, 2).unlink()  # missing
+    altered = bytearray(originals[3])
+    altered[len(altered) // 2] ^= 0xFF  # same size, one byte changed
+    generation.image_path(images, 3).write_bytes(bytes(altered))
+    again = generation.generate_images(pipeline, captions, images, batch_size=4, seed=0, call_kwargs=kwargs)
+    assert (again.found_on_disk, again.generated, again.rejected) == (0, 4, 3)
+    assert [generation.image_path(images, i).read_bytes() for i in range(4)] == originals
+
+    untouched = generation.generate_images(pipeline, captions, images, batch_size=4, seed=0, call_kwargs=kwargs)
+    assert (untouched.found_on_disk, untouched.generated) == (4, 0)
+
+
+def test_an_image_without_a_record_is_not_trusted(assets, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(generation.image_path(images, 0))
+    assert generation.verified_images(images, 1) == set()
+    (images / generation.MANIFEST).write_text(json.dumps(generation.image_record(generation.image_path(images, 0))) + "\n{cut sh")
+    assert generation.verified_images(images, 1) == {0}  # a line cut short by a crash is skipped, the rest read

@@ -145,6 +145,7 @@ def test_existing_out_is_refused_then_replaced_whole(unet_student, tmp_path, mon
     (out / "keep.txt").write_text("old")
     assert main(["export", str(unet_student.run_dir), "--to", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "old"
+    (out / export.EXPORT_MARKER).write_text("{}")  # --overwrite replaces only a previous export (tests/test_errors.py)
 
     def half_written(student, tmp, steps, name=None):
         (tmp / "unet").mkdir(parents=True)

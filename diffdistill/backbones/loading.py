@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from diffdistill.backbones import SUPPORTED_BACKBONES, backbone_kind
@@ -22,6 +23,8 @@ from diffdistill.denoiser import Denoiser
 from diffdistill.schedules import schedule_from_scheduler_config
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+ACCEPTED_FORMS = ("a diffusers pipeline folder (with model_index.json), a .safetensors file with teacher_config=FOLDER, "
+                  f"or a pickle checkpoint ({' '.join(PICKLE_SUFFIXES)}) with allow_pickle=true")
 BACKBONE_COMPONENTS = ("unet", "transformer")
 
 
@@ -71,7 +74,7 @@ def _check_pipeline_folder(path: Path, allow_pickle: bool) -> dict:
     if not index_file.is_file():
         hint = " (it has a config.json: this looks like a single model folder, give the pipeline folder above it)" if (path / "config.json").exists() else ""
         raise CheckpointError(f"{str(path)!r} is not a diffusion pipeline folder: no model_index.json{hint}")
-    index = json.loads(index_file.read_text())
+    index = _read_model_index(index_file)
     component = next((c for c in BACKBONE_COMPONENTS if index.get(c)), None)
     if component is None:
         raise CheckpointError(f"{str(path)!r} has no 'unet' or 'transformer' component in model_index.json")
@@ -85,7 +88,29 @@ def _check_pipeline_folder(path: Path, allow_pickle: bool) -> dict:
                 f"{str(path)!r} holds only pickle weights ({', '.join(sorted({p.suffix for p in files}))}), which can run "
                 "arbitrary code when loaded; convert them to .safetensors, or pass allow_pickle=true if you trust the file"
             )
+    for weights in (p for p in files if p.suffix == ".safetensors"):
+        check_safetensors(weights)
     return index
+
+
+def _read_model_index(index_file: Path) -> dict:
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(index_file)!r} is not valid JSON ({e}); restore it from the pipeline's source") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{str(index_file)!r} must be a JSON object of components; restore it from the pipeline's source")
+    return index
+
+
+def check_safetensors(path: Path) -> None:
+    """Opens a weights file's header, which safetensors checks against the file's length: a truncated,
+    empty or garbage file is named here rather than failing inside diffusers."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise CheckpointError(f"{str(path)!r} is a damaged .safetensors file ({e}); re-download or re-export it") from None
 
 
 def load_teacher(path: str | os.PathLike, *, config: str | None = None, allow_pickle: bool = False,
@@ -127,6 +152,8 @@ def _load_single_file(path: Path, config: str | None, allow_pickle: bool, trust_
     """
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix not in PICKLE_SUFFIXES + (".safetensors",):
+        raise CheckpointError(f"teacher {str(path)!r} is a {path.suffix or 'suffix-less'} file, not a teacher; give {ACCEPTED_FORMS}")
     if path.suffix != ".safetensors" and not allow_pickle:
         raise CheckpointError(
             f"{str(path)!r} is a pickle checkpoint ({path.suffix}), which can run arbitrary code when loaded; "
@@ -164,6 +191,7 @@ def _convert_original_backbone(teacher: Teacher, path: Path) -> dict:
 def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict:
     path = Path(path)
     if path.suffix == ".safetensors":
+        check_safetensors(path)
         return load_file(str(path))
     if not allow_pickle:
         raise CheckpointError(f"refusing to unpickle {str(path)!r}; convert it to .safetensors or pass allow_pickle=true")

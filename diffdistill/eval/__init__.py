@@ -26,4 +26,8 @@ class MissingWeightsError(FileNotFoundError):
     """A weight file the evaluation needs is not on disk (nothing is ever downloaded)."""
 
 
+class EvalInputError(ValueError):
+    """An input of ``diffdistill eval`` that is missing or wrong (every problem found, listed at once)."""
+
+
 __all__ = ["MissingWeightsError"]

@@ -80,8 +80,7 @@ def select_coco_captions(annotations: dict, num: int, seed: int = 0) -> CaptionS
     for ann in annotations["annotations"]:
         by_image.setdefault(int(ann["image_id"]), []).append((int(ann["id"]), _one_line(ann["caption"])))
     image_ids = sorted(by_image)
-    if num > len(image_ids):
-        raise ValueError(f"asked for {num} captions of distinct images, the split has {len(image_ids)} images")
+    check_num(num, len(image_ids), "captioned images of the split (one caption each)")
     rng = np.random.default_rng(seed)
     if num < len(image_ids):
         image_ids = [image_ids[i] for i in np.sort(rng.choice(len(image_ids), size=num, replace=False))]
@@ -93,14 +92,24 @@ def select_coco_captions(annotations: dict, num: int, seed: int = 0) -> CaptionS
 
 
 def read_prompts_file(path: str | Path, num: int | None = None) -> CaptionSet:
-    """Captions from a text file, one a line (blank lines skipped); the first ``num`` if given."""
+    """Captions from a UTF-8 text file, one a line (blank lines skipped); the first ``num`` if given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        captions = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            captions = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
     if num is not None:
-        if num > len(captions):
-            raise ValueError(f"asked for {num} prompts, {path} has {len(captions)}")
+        check_num(num, len(captions), f"prompts in {path}")
         captions = captions[:num]
     return CaptionSet(captions, f"the first {len(captions)} lines of {path.name}")
+
+
+def check_num(num: int, available: int, what: str) -> None:
+    """``--num`` must name at least one caption and no more than there are (never 0 for 'all', never -1 for 'all but one')."""
+    if num < 1:
+        raise ValueError(f"--num {num}: must be at least 1 (and at most the {available} {what})")
+    if num > available:
+        raise ValueError(f"--num {num} is more than the {available} {what}; pass --num {available} or fewer")

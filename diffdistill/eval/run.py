@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffdistill.eval import MissingWeightsError, clip_score, coco, generation, protocol, reference_stats
+from diffdistill.eval import EvalInputError, MissingWeightsError, clip_score, coco, generation, protocol, reference_stats
 from diffdistill.eval.arguments import add_eval_arguments
 from diffdistill.eval.fid import (
     InceptionFeatureExtractor,
@@ -26,21 +26,84 @@ from diffdistill.eval.fid import (
 )
 
 
-def _captions_and_reference(args):
-    """(benchmark title, nominal count, CaptionSet, reference split, annotations of the reference split)."""
+class Problems:
+    """What is wrong with eval's inputs, collected so that every problem is reported at once."""
+
+    def __init__(self):
+        self.found: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.found.append(" ".join(message.split()))
+
+    def attempt(self, check, *args):
+        """``check(*args)``, or None with its failure recorded."""
+        try:
+            return check(*args)
+        except (OSError, ImportError, ValueError) as error:  # missing files and packages, bad values and formats
+            self.add(str(error))
+            return None
+
+    def raise_if_any(self) -> None:
+        if len(self.found) == 1:
+            raise EvalInputError(self.found[0])
+        if self.found:
+            listed = "; ".join(f"({i}) {message}" for i, message in enumerate(self.found, 1))
+            raise EvalInputError(f"{len(self.found)} problems with the inputs: {listed}")
+
+
+def _captions_and_reference(args, problems: Problems | None = None):
+    """(benchmark title, nominal count, CaptionSet, reference split, annotations of the reference split).
+    Without ``problems``, the first problem raises; with it, each is recorded and its result is None."""
+    own = problems is None
+    problems = problems or Problems()
     if not args.coco:
-        raise SystemExit("--coco DIR is required: the reference statistics come from the COCO validation images")
+        problems.add("--coco DIR is required: the reference statistics come from the COCO validation images")
     if args.benchmark == "prompts":
         if not args.prompts:
-            raise SystemExit("--benchmark prompts needs --prompts FILE")
-        captions = coco.read_prompts_file(args.prompts, args.num)
+            problems.add("--benchmark prompts needs --prompts FILE")
+        captions = problems.attempt(coco.read_prompts_file, args.prompts, args.num) if args.prompts else None
         split = coco.REFERENCE_SPLITS[args.reference]
-        title = f"prompts file {Path(args.prompts).name}, reference COCO {split}"
-        return title, None, captions, split, coco.read_coco_annotations(args.coco, split)
-    benchmark = coco.BENCHMARKS[args.benchmark]
-    annotations = coco.read_coco_annotations(args.coco, benchmark.split)
-    captions = coco.select_coco_captions(annotations, args.num or benchmark.num, args.caption_seed)
-    return benchmark.title, benchmark.num, captions, benchmark.split, annotations
+        annotations = problems.attempt(coco.read_coco_annotations, args.coco, split) if args.coco else None
+        title = f"prompts file {Path(args.prompts or '').name}, reference COCO {split}"
+        nominal = None
+    else:
+        benchmark = coco.BENCHMARKS[args.benchmark]
+        title, nominal, split = benchmark.title, benchmark.num, benchmark.split
+        annotations = problems.attempt(coco.read_coco_annotations, args.coco, split) if args.coco else None
+        num = benchmark.num if args.num is None else args.num  # --num 0 is refused, never read as "the default"
+        captions = problems.attempt(coco.select_coco_captions, annotations, num, args.caption_seed) if annotations else None
+    if own:
+        problems.raise_if_any()
+    return title, nominal, captions, split, annotations
+
+
+def _check_pipeline_folder(pipeline_dir: str) -> dict:
+    """The pipeline folder's model_index.json, read before anything loads."""
+    index_file = Path(pipeline_dir, "model_index.json")
+    if not index_file.is_file():
+        raise EvalInputError(f"{pipeline_dir} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        return json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise EvalInputError(f"{index_file} is not valid JSON ({error}); restore it from the pipeline's source") from None
+
+
+def check_inputs(args):
+    """Every input eval reads, checked before any work, every problem listed in one error:
+    (inception path, CLIP path or None, title, nominal count, CaptionSet, reference split, annotations)."""
+    problems = Problems()
+    inception_path = problems.attempt(resolve_inception_path, args.inception)
+    clip_path = problems.attempt(clip_score.resolve_clip_path, args.clip)
+    if clip_path is not None:
+        problems.attempt(clip_score.check_clip_backend, clip_path)
+    problems.attempt(_check_pipeline_folder, args.pipeline_dir)
+    title, nominal, captions, split, annotations = _captions_and_reference(args, problems)
+    if annotations is not None:  # missing COCO images fail now, not after generating
+        problems.attempt(reference_stats.reference_image_paths, args.coco, split, annotations)
+    if captions is not None and len(captions.captions) < 2:
+        problems.add(f"FID and KID need at least 2 generated images, and there are {len(captions.captions)} captions")
+    problems.raise_if_any()
+    return inception_path, clip_path, title, nominal, captions, split, annotations
 
 
 def protocol_label(num: int, nominal: int | None, title: str) -> str:
@@ -68,10 +131,7 @@ def load_pipeline(pipeline_dir: str, device: str, dtype, scheduler: str | None =
     # diffusers takes seconds to import and only loading a pipeline needs it
     from diffusers import DiffusionPipeline
 
-    if not Path(pipeline_dir, "model_index.json").is_file():
-        raise SystemExit(f"{pipeline_dir} is not a diffusers pipeline folder (no model_index.json)")
-    with open(Path(pipeline_dir, "model_index.json")) as f:
-        components = json.load(f)
+    components = _check_pipeline_folder(pipeline_dir)
     extra = {"safety_checker": None} if "safety_checker" in components else {}
     pipeline = DiffusionPipeline.from_pretrained(
         pipeline_dir, torch_dtype=dtype, local_files_only=True, use_safetensors=True, **extra
@@ -171,22 +231,15 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run ``diffdistill eval``; 0 on success, 2 when a file (weights, COCO, prompts) or package is missing."""
     try:
         return _run(args)
-    except (MissingWeightsError, FileNotFoundError, ImportError) as error:
-        print(f"diffdistill eval: {error}", file=sys.stderr)
+    except (MissingWeightsError, FileNotFoundError, ImportError, EvalInputError) as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, as the CLI's other errors
         return 2
 
 
 def _run(args) -> int:
-    # 1. Everything that can be missing is looked up before any work.
-    inception_path = resolve_inception_path(args.inception)
-    clip_path = clip_score.resolve_clip_path(args.clip)
-    if clip_path is not None:
-        clip_score.check_clip_backend(clip_path)
-    title, nominal, captions, split, annotations = _captions_and_reference(args)
-    reference_stats.reference_image_paths(args.coco, split, annotations)  # missing COCO images fail now, not after generating
+    # 1. Everything that can be missing or wrong is looked up before any work, and reported together.
+    inception_path, clip_path, title, nominal, captions, split, annotations = check_inputs(args)
     num = len(captions.captions)
-    if num < 2:
-        raise SystemExit("FID and KID need at least 2 generated images")
 
     device, dtype = _device_and_dtype(args)
     extractor = InceptionFeatureExtractor.load(inception_path, device)
@@ -220,6 +273,9 @@ def _run(args) -> int:
         pipeline, captions.captions, out_dir / "images", batch_size=args.batch_size, seed=args.seed,
         call_kwargs=call_kwargs,
     )
+    if generation_report.rejected:
+        print(f"regenerated {generation_report.rejected} images that did not match their records in "
+              f"{out_dir / 'images' / generation.MANIFEST} (truncated, unreadable or replaced)", file=sys.stderr)
     speed = _speed(out_dir, generation_report, args.batch_size, device)
     del pipeline  # free the accelerator for the feature networks
     _empty_cuda_cache(device)
@@ -243,6 +299,7 @@ def _run(args) -> int:
             "pipeline": str(args.pipeline_dir),
             "images_dir": str(out_dir / "images"),
             "found_on_disk": generation_report.found_on_disk,
+            "regenerated_damaged": generation_report.rejected,
             "generated_this_run": generation_report.generated,
             "seed": args.seed,
             "call": call_kwargs,

@@ -9,24 +9,31 @@
 
 Every format is written beside ``OUT`` under a hidden temporary name and renamed into place when
 complete, so ``OUT`` is never a half-written export; an existing ``OUT`` is replaced only with
-``overwrite=True``.
+``overwrite=True``, and only when it is itself an export: a folder holding the marker file every
+export writes (:data:`EXPORT_MARKER`), or a single file carrying our metadata. What an export killed
+midway leaves beside ``OUT`` is cleared by the next export to the same ``OUT``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from diffdistill.export.diffusers_folder import write_diffusers
 from diffdistill.export.lora import write_lora
 from diffdistill.export.original import write_original
-from diffdistill.export.single_file import load_single_file, write_single_file
+from diffdistill.export.single_file import METADATA_KEY, load_single_file, write_single_file
 from diffdistill.export.student import ExportError, Student, inference_timesteps, load_student
 
 FORMATS = ("diffusers", "single-file", "lora", "original")
 FILE_FORMATS = ("single-file", "original")  # one .safetensors; the others write folders
+EXPORT_MARKER = ".diffdistill-export"  # in every exported folder: what --overwrite may replace
 
 
 def _remove(path: Path) -> None:
@@ -49,12 +56,53 @@ def check_destination(run_dir: Path, out: Path, fmt: str, overwrite: bool) -> No
         raise ExportError(f"--to {str(out)!r} would replace the run folder itself; export somewhere else")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ExportError(f"{str(out)!r} already exists; pass --overwrite to replace it (it is replaced only once the new export is complete)")
+    if out.exists() and overwrite and not is_previous_export(out):
+        what = f"a folder without {EXPORT_MARKER}" if out.is_dir() else "a file without diffdistill's metadata"
+        raise ExportError(f"--overwrite replaces only a previous export, and {str(out)!r} is {what}; "
+                          "choose another --to, or move it away yourself")
+
+
+def is_previous_export(out: Path) -> bool:
+    """A folder an export wrote (its marker), an empty folder (nothing to lose), or a single file with our metadata."""
+    if out.is_dir() and not out.is_symlink():
+        return (out / EXPORT_MARKER).is_file() or not any(out.iterdir())
+    if out.is_file() and out.suffix == ".safetensors":
+        try:
+            with safe_open(str(out), framework="pt") as f:
+                return METADATA_KEY in (f.metadata() or {})
+        except SafetensorError:
+            return False
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def clear_stale(out: Path) -> None:
+    """Clears what a killed export left beside ``out`` (its process is gone): a half-written ``.OUT.tmp-PID``
+    is removed; a swapped-out previous export ``.OUT.old-PID`` is put back if ``out`` is missing, else removed."""
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*"), key=lambda p: ".old-" not in p.name):
+        kind, _, pid = path.name[len(out.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(path, out)
+        else:
+            _remove(path)
 
 
 @contextlib.contextmanager
 def staged(out: Path):
     """Yields a temporary path beside ``out``; on success moves it into place, on failure removes it."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     _remove(tmp)
     try:
@@ -88,6 +136,8 @@ def export_student(student: Student, out, fmt: str = "diffusers", steps: int | N
             info = write_original(student, tmp, steps)
         else:
             info = write_lora(student, tmp, steps, rank, str(out), lora_layout)
+        if tmp.is_dir():
+            (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt, "checkpoint": str(student.checkpoint)}) + "\n")
     return {**info, "out": str(out), "checkpoint": str(student.checkpoint), "ema": student.ema}
 
 
@@ -99,4 +149,4 @@ def export_run(run_dir, out, fmt: str = "diffusers", steps: int | None = None, e
     return export_student(student, out, fmt, steps, overwrite, rank, lora_layout)
 
 
-__all__ = ["FORMATS", "ExportError", "Student", "export_run", "export_student", "load_student", "load_single_file"]
+__all__ = ["EXPORT_MARKER", "FORMATS", "ExportError", "Student", "export_run", "export_student", "load_student", "load_single_file"]

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from diffdistill.config import load_recipe
 from diffdistill.data.digits import digit_prompt
+from diffdistill.engine.checkpoint import latest_checkpoint
 from diffdistill.engine.logging import save_grid
 from diffdistill.export import export_run
 from diffdistill.run import train
@@ -101,11 +102,40 @@ def save_loss_curve(metrics_file: Path, path: Path, keys=("loss_generator", "los
 
 
 def distill(method: str, run_dir: Path, overrides: list[str] | None = None):
-    """Trains the method's digits recipe into ``run_dir`` (resuming if it holds a run); returns (its config, seconds)."""
+    """Trains the method's digits recipe into ``run_dir`` (resuming if it holds a run); returns (its config,
+    seconds, steps trained by this call: 0 when the run folder already held the finished run)."""
     cfg = load_recipe(recipe_path(method), [f"out={run_dir}", *(overrides or [])])
+    start = finished_step(run_dir) if cfg.resume else 0
     tic = time.perf_counter()
     train(cfg)
-    return cfg, time.perf_counter() - tic
+    return cfg, time.perf_counter() - tic, max(cfg.max_steps - start, 0)
+
+
+def finished_step(run_dir: Path) -> int:
+    """The step of the run folder's latest checkpoint (0 without one): where training will resume."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return 0
+    return int(json.loads((checkpoint / "state.json").read_text()).get("step", 0))
+
+
+def training_record(out: Path, seconds: float, steps_this_run: int) -> dict:
+    """What results.json says about training. A run reused whole trained nothing now: its time is the
+    one an earlier quickstart measured (kept from results.json), never this call's few seconds."""
+    if steps_this_run > 0:
+        return {"train_seconds": seconds, "train_steps_this_run": steps_this_run, "train_reused": False}
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    return {"train_seconds": previous.get("train_seconds"), "train_steps_this_run": 0, "train_reused": True}
+
+
+def training_summary(results: dict) -> str:
+    """One sentence on training that is true whether the run was trained now, resumed, or reused."""
+    steps, seconds = results["train_steps"], results["train_seconds"]
+    if results.get("train_reused"):
+        measured = f"trained earlier in {seconds:.0f} s" if seconds is not None else "its training time was not recorded"
+        return f"reused the finished run in {results['run_dir']} ({steps} steps; {measured})"
+    resumed = f" (resumed at step {steps - results['train_steps_this_run']})" if results["train_steps_this_run"] < steps else ""
+    return f"trained {results['train_steps_this_run']} steps{resumed} in {seconds:.0f} s"
 
 
 def judge_generator(pipe, steps: int, guidance: float, prompts: list[str], labels: list[int], latents: torch.Tensor, judge,
@@ -166,16 +196,17 @@ def run_quickstart(method: str = "dmd2", out="runs/quickstart", overrides: list[
     teacher_dir = zoo_path(teacher.split(":", 1)[1]) if teacher.startswith("zoo:") else Path(teacher)
     tic = time.perf_counter()
     run_dir = out / "run"
-    cfg, train_seconds = distill(method, run_dir, overrides)
+    cfg, train_seconds, steps_this_run = distill(method, run_dir, overrides)
     export_dir = out / "student"
     export_run(run_dir, export_dir, "diffusers", overwrite=True)
     guidance = float(cfg.method.get("guidance", cfg.sample_guidance))
     results = evaluate(teacher_dir, export_dir, num_samples=num_samples, guidance=guidance, latency_repeats=latency_repeats, grids_dir=out)
     loss_curve = save_loss_curve(run_dir / "metrics.jsonl", out / "loss_curve.png")
-    results.update(method=method, export_dir=str(export_dir), run_dir=str(run_dir), train_seconds=train_seconds, train_steps=cfg.max_steps,
+    results.update(method=method, export_dir=str(export_dir), run_dir=str(run_dir), train_steps=cfg.max_steps,
+                   **training_record(out, train_seconds, steps_this_run),
                    total_seconds=time.perf_counter() - tic, loss_curve=str(loss_curve) if loss_curve else None, teacher_guidance=guidance)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
-__all__ = ["evaluate", "evaluation_prompts", "generate_images", "results_table", "run_quickstart", "save_loss_curve"]
+__all__ = ["evaluate", "evaluation_prompts", "generate_images", "results_table", "run_quickstart", "save_loss_curve", "training_summary"]
