@@ -9,7 +9,8 @@ package (``methods.dmd2`` uses ``methods.dmd``); ``tests/test_layers.py`` checks
 A dotted name places a submodule apart from its package (``backbones.loading`` builds Denoisers,
 so it sits above ``denoiser``, while the backbone adapters sit below it).
 
-    0  config, param, randomness, ema, kernels, data.digits     leaves: types, maths, seeds, raw data
+    0  config, param, randomness, ema, kernels, data.digits,   leaves: types, maths, seeds, raw data, figures
+       plots
     1  schedules, backbones, conditioning                       noise schedules, backbone adapters, prompt encoding
     2  denoiser, sampling, data                                 x0 = D(x_t, t, cond); samplers; data sources
     3  backbones.loading, generator, guidance, scores           teachers from disk; the student; the score engine
@@ -25,7 +26,7 @@ so it sits above ``denoiser``, while the backbone adapters sit below it).
 __version__ = "0.1.0"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "param", "randomness", "ema", "kernels", "data.digits"),
+    ("config", "param", "randomness", "ema", "kernels", "data.digits", "plots"),
     ("schedules", "backbones", "conditioning"),
     ("denoiser", "sampling", "data"),
     ("backbones.loading", "generator", "guidance", "scores"),

@@ -29,3 +29,19 @@ def test_tracker_choice_is_checked(tmp_path, monkeypatch):
         build_trainer(load_recipe(DMD2, [f"out={tmp_path}", "log_with=wandb"]))
     with pytest.raises(ConfigError, match="choose one of tensorboard, wandb, none"):
         build_trainer(load_recipe(DMD2, [f"out={tmp_path}", "log_with=mlflow"]))
+
+
+def test_loss_figure_has_a_panel_per_loss_and_a_true_moving_average(tmp_path):
+    from PIL import Image
+
+    from diffdistill.plots import labelled_grid, loss_figure, moving_average
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    rows = [{"step": s, "phase": "critic" if s % 2 else "generator", ("loss_critic" if s % 2 else "loss_generator"): 1.0 / s} for s in range(1, 60)]
+    path = loss_figure(rows, tmp_path / "loss.png")
+    assert Image.open(path).size == (7 * 120, round(2 * 2.6 * 120))  # two panels at 120 dpi
+    assert loss_figure(rows[:1], tmp_path / "none.png") is None  # one point is no curve
+    import torch
+
+    grid = labelled_grid({"teacher\n25 steps": torch.rand(3, 3, 8, 8), "student\n1 step": torch.rand(3, 3, 8, 8)}, ["a", "b", "c"], tmp_path / "g.png")
+    assert Image.open(grid).size[0] > Image.open(grid).size[1] > 0

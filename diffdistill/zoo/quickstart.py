@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image, ImageDraw
 
 from diffdistill.config import load_recipe
 from diffdistill.data.digits import digit_prompt
 from diffdistill.engine.checkpoint import latest_checkpoint
 from diffdistill.engine.logging import save_grid
 from diffdistill.export import export_run
+from diffdistill.plots import labelled_grid, loss_figure
 from diffdistill.run import train
 from diffdistill.zoo import ZOO_RECIPES, digits_methods, zoo_path
 from diffdistill.zoo.judge import judge_samples, load_judge
@@ -76,29 +76,9 @@ def latency_per_image(pipe, steps: int, guidance: float, repeats: int = 7) -> fl
 
 
 def save_loss_curve(metrics_file: Path, path: Path, keys=("loss_generator", "loss_critic")) -> Path | None:
-    """A loss-curve PNG with PIL only: one polyline per logged loss, each scaled to its own range."""
+    """The run's generator and critic losses against the step, a panel each (matplotlib)."""
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
-    series = {k: v for k, v in series.items() if len(v) > 1}
-    if not series:
-        return None
-    width, height, pad = 640, 360, 40
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((pad, pad, width - pad, height - pad), outline=(160, 160, 160))
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
-    last_step = max(s for v in series.values() for s, _ in v)
-    for (name, points), color in zip(series.items(), colors):
-        values = [v for _, v in points]
-        lo, hi = min(values), max(values)
-        span = (hi - lo) or 1.0
-        xy = [(pad + (width - 2 * pad) * s / last_step, height - pad - (height - 2 * pad) * (v - lo) / span) for s, v in points]
-        draw.line(xy, fill=color, width=2)
-        draw.text((pad + 4, 8 + 14 * list(series).index(name)), f"{name}: {values[0]:.3g} -> {values[-1]:.3g} (range {lo:.3g}..{hi:.3g})", fill=color)
-    draw.text((pad, height - pad + 8), f"step 0 .. {last_step}", fill=(0, 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return loss_figure(rows, path, keys)
 
 
 def distill(method: str, run_dir: Path, overrides: list[str] | None = None):
@@ -167,7 +147,9 @@ def evaluate(teacher_dir, student_dir, *, num_samples: int = 1000, guidance: flo
         if grids_dir is not None:
             save_grid((images[name][:40] + 1) / 2, Path(grids_dir) / f"{name}.png", columns=10)
     if grids_dir is not None:  # teacher, start and student rows: the same noise and prompts (digits 0-9)
-        save_grid((torch.cat([images[name][:10] for name in runs]) + 1) / 2, Path(grids_dir) / "teacher_start_student.png", columns=10)
+        labels = {name: f"{name}\n{steps} step{'s' if steps > 1 else ''}{' + CFG' if scale != 1 else ''}\n"
+                        f"{1000 * results[name]['latency_s']:.0f} ms" for name, (_, steps, scale) in runs.items()}
+        labelled_grid({labels[name]: (images[name][:10] + 1) / 2 for name in runs}, prompts[:10], Path(grids_dir) / "teacher_start_student.png")
     results["speedup"] = results["teacher"]["latency_s"] / results["student"]["latency_s"]
     results["judge_held_out_accuracy"] = judge.report.get("held_out_accuracy")
     return results
