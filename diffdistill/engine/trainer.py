@@ -170,7 +170,10 @@ class Trainer:
             batch["x0"] = batch["x0"].to(acc.device)
         batch["cond"] = self.encode(batch["prompts"])
         batch["uncond"] = self.encode([""] * len(batch["prompts"]))
-        batch["rng"] = step_random(cfg.seed, step, f"micro{micro}", acc.process_index, acc.num_processes, acc.device)
+        # One stream per step, sliced by (micro-batch, process) as the data is: accumulating micro-batches
+        # draws the numbers one step at the same global batch draws, on any number of processes.
+        slot, slots = micro * acc.num_processes + acc.process_index, cfg.grad_accum * acc.num_processes
+        batch["rng"] = step_random(cfg.seed, step, "micro0", slot, slots, acc.device)
         batch["step"] = step
         return batch
 
