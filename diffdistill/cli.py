@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # first: --help and usage errors answer before torch loads
     from diffdistill.backbones.loading import CheckpointError  # lazy: see the note at the top
     from diffdistill.config import ConfigError  # lazy: see the note at the top
-    from diffdistill.engine.trainer import TrainingDiverged  # lazy: see the note at the top
+    from diffdistill.engine.trainer import TrainingDiverged, TrainingInterrupted  # lazy: see the note at the top
 
     try:
         return args.func(args)
@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM: a checkpoint was written; 130 / 143 as the shell expects
+        print(e, file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":
