@@ -180,7 +180,9 @@ def prune(root: Path, keep: int, written: str) -> None:
         return
     others = [p for p in complete_checkpoints(root) if p.name != written]
     for old in others[:max(0, len(others) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(old, root / f".pruned-{old.name}")  # first out of sight: a kill mid-delete leaves no half checkpoint named step-*
+    for leftover in root.glob(".pruned-step-*"):  # this prune's, and any a killed run left
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
