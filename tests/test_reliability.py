@@ -107,6 +107,14 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_used(tm
     assert verify(tmp_path / "checkpoints" / "step-00000002") is None
 
 
+def test_no_verifying_checkpoint_refuses_instead_of_restarting_from_zero(tmp_path):
+    train(cfg(tmp_path, "max_steps=2", "checkpoint_every=2"))
+    (tmp_path / "checkpoints" / "step-00000002" / "net-generator.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no checkpoint in .* verifies.*resume=false"):
+        train(cfg(tmp_path, "max_steps=4"))
+    assert (tmp_path / "checkpoints" / "damaged-step-00000002").is_dir() and metric_steps(tmp_path) == [1, 2]
+
+
 def test_resume_applies_a_new_lr_prints_and_records_it(tmp_path, capsys):
     train(cfg(tmp_path, "max_steps=2", "checkpoint_every=2"))
     capsys.readouterr()
