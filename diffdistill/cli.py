@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, stopped) as e:
         _traceback_if(debug)
         print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
-        raise Interrupted(EXIT_INTERRUPTED) from None
+        raise Interrupted(getattr(e, "exit_code", EXIT_INTERRUPTED)) from None  # training's SIGTERM stop: 143
     except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,8 +1,10 @@
 """Atomic, pickle-free checkpoints: safetensors for tensors, JSON for everything else.
 
-A checkpoint is written into a hidden temporary folder and renamed into place; only then is the
-``latest`` pointer replaced (also by rename). A crash mid-write leaves at most a stray temporary
-folder, never a half checkpoint named as the latest. Optimizer states are flattened to
+A checkpoint is written into a hidden temporary folder, its files fsynced and listed with their
+sizes and sha256 in a manifest written last (:mod:`.manifest`), then the folder is renamed into
+place and the parent fsynced; only then is the ``latest`` pointer replaced (also by rename). A
+crash mid-write leaves at most a stray temporary folder. ``latest`` is a hint for readers; resume
+trusts only complete checkpoints (a manifest) that verify, newest step first (:func:`resume_checkpoint`). Optimizer states are flattened to
 ``"<param index>.<name>"`` tensors plus their JSON ``param_groups``.
 
 Two layouts of the same keys. Unsharded (one process, DDP): the main process writes each state
@@ -17,12 +19,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffdistill.engine.manifest import MANIFEST, fsync_dir, verify, write_manifest
 from diffdistill.engine.sharded_checkpoint import (
     barrier,
     is_main_process,
@@ -36,6 +41,7 @@ from diffdistill.engine.sharded_checkpoint import (
 from diffdistill.engine.sharding import shard_like
 
 LATEST = "latest"
+_STEP_NAME = re.compile(r"step-(\d+)")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -109,8 +115,9 @@ def save_checkpoint(run_dir: Path, step: int, nets: dict, emas: dict, optimizers
         _save_tensors(tmp / "rng.safetensors", tensors)
         _write_json(tmp / "state.json", {**state, "step": step, "rng": meta})
     if sharded:
-        barrier()  # every process's shards are on disk before the checkpoint becomes visible
+        barrier()  # every process's shards are on disk before the manifest lists them
     if main:
+        write_manifest(tmp)  # last: its presence is what makes the checkpoint complete
         _publish(root, tmp, name, keep)
     if sharded:
         barrier()  # no process goes on (or resumes) before ``latest`` names the new checkpoint
@@ -139,31 +146,75 @@ def _write_shards(folder: Path, nets: dict, emas: dict, optimizers: dict) -> Non
 def _publish(root: Path, tmp: Path, name: str, keep: int) -> None:
     """Renames the finished folder into place, then points ``latest`` at it, then prunes."""
     final = root / name
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)  # only ever an unfinished folder: resume moved later complete ones aside
     os.replace(tmp, final)
+    fsync_dir(root)
     pointer = root / f".tmp-{LATEST}"
-    pointer.write_text(name)
+    with open(pointer, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(pointer, root / LATEST)
-    prune(root, keep)
+    fsync_dir(root)
+    prune(root, keep, written=name)
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keeps the checkpoint ``latest`` names and the ``keep - 1`` newest others; deletes the rest.
-    (A run restarted from scratch in an old folder writes lower steps than the old ones.)"""
+def checkpoint_step(path: Path) -> int | None:
+    match = _STEP_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """``step-*`` folders holding a manifest (or, from before manifests, a state.json), oldest step first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None
+             and ((p / MANIFEST).is_file() or (p / "state.json").is_file())]
+    return sorted(found, key=checkpoint_step)
+
+
+def prune(root: Path, keep: int, written: str) -> None:
+    """Keeps the checkpoint just ``written`` and the ``keep - 1`` others of highest step; deletes
+    the rest of the complete ones. (A run restarted in an old folder writes lower steps than those.)"""
     if keep <= 0:
         return
-    latest = (root / LATEST).read_text().strip()
-    others = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != latest)
-    for old in others[:len(others) - (keep - 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+    others = [p for p in complete_checkpoints(root) if p.name != written]
+    for old in others[:max(0, len(others) - (keep - 1))]:
+        os.replace(old, root / f".pruned-{old.name}")  # first out of sight: a kill mid-delete leaves no half checkpoint named step-*
+    for leftover in root.glob(".pruned-step-*"):  # this prune's, and any a killed run left
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / LATEST
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    """The checkpoint ``latest`` names if it is complete, else the complete one of highest step."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named in complete_checkpoints(root):
+            return named
+    complete = complete_checkpoints(root)
+    return complete[-1] if complete else None
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint of highest step whose files match its manifest. A damaged one is
+    reported in one line and renamed aside (``damaged-step-*``, never deleted); the next is tried."""
+    for path in reversed(complete_checkpoints(Path(run_dir) / "checkpoints")):
+        problem = verify(path)
+        if problem is None:
+            return path
+        aside = _free_name(path.parent / f"damaged-{path.name}")
+        os.replace(path, aside)
+        print(f"warning: checkpoint {path} is damaged ({problem}); moved it to {aside.name} and trying the previous one", file=sys.stderr)
+    return None
+
+
+def _free_name(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate
 
 
 def saved_state(checkpoint: Path, name: str) -> Path | None:

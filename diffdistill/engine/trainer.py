@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -21,10 +22,13 @@ from diffdistill.conditioning import PromptCache, encode_prompts
 from diffdistill.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from diffdistill.denoiser import OwnState, adapter_checkpointing
 from diffdistill.ema import EMA
-from diffdistill.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffdistill.engine.logging import append_metrics, flat_config, log_grid, save_grid, tracker_for
+from diffdistill.engine.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
+from diffdistill.engine.config_changes import check_resume, record_changes
+from diffdistill.engine.logging import append_metrics, drop_metrics_after, flat_config, log_grid, save_grid, tracker_for
 from diffdistill.engine.offload import HostOffloadedOptimizer
+from diffdistill.engine.run_folder import RunFolderLock, main_decides, move_old_run_aside
 from diffdistill.engine.sharding import full_tensor, is_sharded, reshard, set_gradient_sync, shard
+from diffdistill.engine.signals import StopRequest, stop_on_signals
 from diffdistill.methods.base import Method
 from diffdistill.randomness import derive_seed, step_random
 from diffdistill.sampling import decode_latents
@@ -32,6 +36,15 @@ from diffdistill.sampling import decode_latents
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped training after a step, with a checkpoint at that step.
+    ``exit_code`` is the shell's for that signal: 130 for SIGINT, 143 for SIGTERM."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -274,24 +287,45 @@ class Trainer:
         optimizers = {k: opt.optimizer for k, opt in self.optimizers.items()}
         return nets, dict(self.emas), optimizers
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
         if self.sharded or acc.is_main_process:  # sharded, every process writes its own shards
             state = {"config": to_dict(self.cfg), "teacher": self.cfg.teacher, "method": self.cfg.method}
             save_checkpoint(self.run_dir, step, *self._state_views(), state, self.cfg.keep_checkpoints, sharded=self.sharded)
         acc.wait_for_everyone()
+        return self.run_dir / "checkpoints" / f"step-{step:08d}"
 
     def resume(self) -> int:
-        path = latest_checkpoint(self.run_dir) if self.cfg.resume else None
+        """Loads the checkpoint the main process chose (:meth:`_plan_resume`); returns its step, 0 for a fresh start."""
+        path = main_decides(self.accelerator, self._plan_resume)
         if path is None:
             return 0
-        saved = json.loads((path / "state.json").read_text())
-        for key in ("teacher", "method"):
-            if saved[key] != getattr(self.cfg, key):
-                raise ValueError(f"{self.run_dir} holds a run with {key}={saved[key]!r}, not {getattr(self.cfg, key)!r}; use another out=")
-        state = load_checkpoint(path, *self._state_views())
-        return int(state["step"])
+        return int(load_checkpoint(Path(path), *self._state_views())["step"])
+
+    def _plan_resume(self) -> str | None:
+        """Main process: the checkpoint to continue from, once the config is checked against it;
+        ``config.yaml`` is written only after that check, and metrics past the checkpoint are dropped."""
+        cfg, run_dir = self.cfg, self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            for moved in move_old_run_aside(run_dir):
+                print(f"resume=false: moved the earlier run's files to {moved}")
+        had_checkpoints = cfg.resume and bool(complete_checkpoints(run_dir / "checkpoints"))
+        path = resume_checkpoint(run_dir) if cfg.resume else None
+        if path is None and had_checkpoints:
+            raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'} verifies (each moved aside as damaged-step-*); "
+                              "start a new run there with resume=false, or choose another out=")
+        step = 0
+        if path is not None:
+            saved = json.loads((path / "state.json").read_text())
+            step = int(saved["step"])
+            if "config" in saved:
+                record_changes(run_dir, step, check_resume(saved["config"], to_dict(cfg), step, path))
+            print(f"resuming from step {step} (checkpoint {path})")
+        dump_yaml(cfg, run_dir / "config.yaml")
+        drop_metrics_after(run_dir, step)
+        return None if path is None else str(path)
 
     @torch.no_grad()
     def sample_grid(self, step: int) -> Path | None:
@@ -309,41 +343,55 @@ class Trainer:
         log_grid(self.accelerator.trackers, path, step)
         return path
 
-    def _out_of_time(self, tic: float) -> bool:
-        """True on every process once the main process has passed the time limit (one decision, so DDP stays in step)."""
-        if self.cfg.time_limit_minutes <= 0:
-            return False
-        over = torch.tensor([float(time.perf_counter() - tic > 60 * self.cfg.time_limit_minutes)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(over, reduction="sum").item() > 0)
+    def _should_stop(self, tic: float, request: StopRequest) -> tuple[bool, int]:
+        """(past the time limit, the stop signal or 0), one decision for every process (one all-reduce),
+        so DDP and FSDP stay in step: any process past the limit or signalled stops them all."""
+        over = self.cfg.time_limit_minutes > 0 and time.perf_counter() - tic > 60 * self.cfg.time_limit_minutes
+        flags = torch.tensor([float(over), float(request.signum == signal.SIGINT), float(request.signum == signal.SIGTERM)],
+                             device=self.accelerator.device)
+        over, sigint, sigterm = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
+        return over, int(signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0)
 
     def fit(self) -> Path:
+        """Trains from the checkpoint to resume (or step 0) to ``max_steps``, owning the run folder meanwhile."""
+        lock = RunFolderLock(self.run_dir)
+        main_decides(self.accelerator, lock.acquire)  # before anything is written there
+        try:
+            with stop_on_signals() as request:
+                return self._train_loop(request)
+        finally:
+            lock.release()
+
+    def _train_loop(self, request: StopRequest) -> Path:
         cfg, acc = self.cfg, self.accelerator
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, self.run_dir / "config.yaml")
-            if acc.log_with:  # the run folder's name names the W&B run; W&B writes under the run folder
-                acc.init_trackers("diffdistill", config=flat_config(self.cfg), init_kwargs={"wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)}})
         start = self.resume()
+        if acc.is_main_process and acc.log_with:  # the run folder's name names the W&B run; W&B writes under the run folder
+            acc.init_trackers("diffdistill", config=flat_config(cfg), init_kwargs={"wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)}})
         bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not acc.is_main_process, desc="train")
         tic = time.perf_counter()
-        for step in bar:
-            logs = self.train_step(step)
-            done = step + 1
-            if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
-                logs["it_per_s"] = (done - start) / (time.perf_counter() - tic)
-                append_metrics(self.run_dir, done, logs)
-                acc.log({k: v for k, v in logs.items() if isinstance(v, float)}, step=done)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)})
-            if cfg.sample_every and done % cfg.sample_every == 0 and (acc.is_main_process or self.sharded):
-                self.sample_grid(done)
-            out_of_time = self._out_of_time(tic)
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time:
-                self.checkpoint(done)
-            if out_of_time:
-                bar.write(f"time limit of {cfg.time_limit_minutes:g} min reached after step {done}; stopped with a checkpoint")
-                break
-        acc.end_training()
+        try:
+            for step in bar:
+                logs = self.train_step(step)
+                done = step + 1
+                if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.max_steps):
+                    logs["it_per_s"] = (done - start) / (time.perf_counter() - tic)
+                    append_metrics(self.run_dir, done, logs)
+                    acc.log({k: v for k, v in logs.items() if isinstance(v, float)}, step=done)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)})
+                if cfg.sample_every and done % cfg.sample_every == 0 and (acc.is_main_process or self.sharded):
+                    self.sample_grid(done)
+                out_of_time, signum = self._should_stop(tic, request)
+                if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time or signum:
+                    path = self.checkpoint(done)
+                if signum:
+                    raise TrainingInterrupted(f"{signal.Signals(signum).name}: stopped after step {done} with checkpoint {path}; "
+                                              "run the same command again to resume", signum)
+                if out_of_time:
+                    bar.write(f"time limit of {cfg.time_limit_minutes:g} min reached after step {done}; stopped with a checkpoint")
+                    break
+        finally:
+            acc.end_training()
         return self.run_dir
 
 
-__all__ = ["Trainer", "TrainingDiverged", "lr_at", "make_accelerator", "place_teacher"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "lr_at", "make_accelerator", "place_teacher"]
