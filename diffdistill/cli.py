@@ -233,13 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     from diffdistill.engine import trainer  # lazy: see the note at the top
 
     debug = debug_requested(args.debug)
-    stopped = getattr(trainer, "TrainingInterrupted", KeyboardInterrupt)  # training's own, where it checkpoints on SIGINT/SIGTERM
     try:
         return args.func(args)
-    except (KeyboardInterrupt, stopped) as e:
+    except trainer.TrainingInterrupted as e:  # SIGINT / SIGTERM in training: a checkpoint was written; 130 / 143
+        print(e, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:
         _traceback_if(debug)
         print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
-        raise Interrupted(getattr(e, "exit_code", EXIT_INTERRUPTED)) from None  # training's SIGTERM stop: 143
+        raise Interrupted(EXIT_INTERRUPTED) from None
     except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
