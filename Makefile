@@ -20,7 +20,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/diffdistill quickstart
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -p no:cacheprovider --durations=15
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -n 2 --dist loadfile -p no:cacheprovider --durations=15
 
 clean-venv:
 	rm -rf $(VENV)
