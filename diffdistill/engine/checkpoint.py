@@ -105,9 +105,11 @@ def save_checkpoint(run_dir: Path, step: int, nets: dict, emas: dict, optimizers
         tmp.mkdir()
     if sharded:
         barrier()  # the fresh folder exists before any process writes into it
-        _write_shards(tmp, nets, emas, optimizers)
+        for stem, tensors in _state_dicts(nets, emas, optimizers):  # each process its shards: a folder each, a file per process
+            write_shards(tmp / stem, tensors)
     else:
-        _write_whole(tmp, nets, emas, optimizers)
+        for stem, tensors in _state_dicts(nets, emas, optimizers):
+            _save_tensors(tmp / f"{stem}.safetensors", tensors)
     if main:
         for key, optimizer in optimizers.items():
             _write_json(tmp / f"optim-{key}.json", optimizer_to_flat(optimizer)[1])
@@ -124,23 +126,11 @@ def save_checkpoint(run_dir: Path, step: int, nets: dict, emas: dict, optimizers
     return root / name
 
 
-def _write_whole(folder: Path, nets: dict, emas: dict, optimizers: dict) -> None:
-    for key, module in nets.items():
-        _save_tensors(folder / f"net-{key}.safetensors", module.state_dict())
-    for key, ema in emas.items():
-        _save_tensors(folder / f"ema-{key}.safetensors", ema.state_dict())
-    for key, optimizer in optimizers.items():
-        _save_tensors(folder / f"optim-{key}.safetensors", optimizer_to_flat(optimizer)[0])
-
-
-def _write_shards(folder: Path, nets: dict, emas: dict, optimizers: dict) -> None:
-    """Each process writes its shards of every state dict: one folder each, a file per process."""
-    for key, module in nets.items():
-        write_shards(folder / f"net-{key}", module.state_dict())
-    for key, ema in emas.items():
-        write_shards(folder / f"ema-{key}", ema.state_dict())
-    for key, optimizer in optimizers.items():
-        write_shards(folder / f"optim-{key}", optimizer_to_flat(optimizer)[0])
+def _state_dicts(nets: dict, emas: dict, optimizers: dict):
+    """(file stem, tensors) of every state dict a checkpoint holds: each net, EMA and optimizer."""
+    yield from ((f"net-{key}", module.state_dict()) for key, module in nets.items())
+    yield from ((f"ema-{key}", ema.state_dict()) for key, ema in emas.items())
+    yield from ((f"optim-{key}", optimizer_to_flat(optimizer)[0]) for key, optimizer in optimizers.items())
 
 
 def _publish(root: Path, tmp: Path, name: str, keep: int) -> None:

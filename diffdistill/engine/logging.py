@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from diffdistill.config import ConfigError, to_dict
+from diffdistill.engine.config_changes import flatten
 
 TRACKERS = ("tensorboard", "wandb", "none")
 
@@ -41,17 +42,7 @@ def tracker_for(log_with: str) -> str | None:
 
 def flat_config(cfg) -> dict:
     """The run's settings as dotted keys with scalar values (TensorBoard's hparams take nothing else)."""
-    flat = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        else:
-            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", to_dict(cfg))
-    return flat
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
 
 
 def log_grid(trackers: list, path: Path, step: int) -> None:
