@@ -267,3 +267,14 @@ def test_original_layout_loads_with_from_single_file_as_the_folder_export(runs, 
     assert sorted(diffs) == ["text_encoder", "unet", "vae"] and all(float(d) == 0.0 for d in diffs.values()), diffs
     with pytest.raises(ExportError, match="original"):
         export_run(runs["dit"], tmp_path / "dit.safetensors", "original")
+
+
+def test_export_takes_the_ema_weights_unless_told_not_to(tmp_path):
+    run = train(load_recipe(RECIPE, [f"out={tmp_path / 'run'}", *FAST, "max_steps=4", "ema_decay=0.5"]))
+    folder = next((run / "checkpoints").glob("step-*"))
+    saved = {kind: load_file(str(folder / f"{kind}-generator.safetensors")) for kind in ("ema", "net")}
+    assert any(not torch.equal(saved["ema"][k], saved["net"][k]) for k in saved["net"])  # the EMA is not the raw net
+    for ema, kind in ((None, "ema"), (False, "net")):
+        student = load_student(run, ema=ema)
+        weights = student.backbone.state_dict()
+        assert all(torch.equal(weights[k[len("backbone."):]], v) for k, v in saved[kind].items()), kind
