@@ -136,9 +136,6 @@ class Denoiser(nn.Module):
         (a LoRA student or critic on the teacher's weights), only that adapter's tensors are."""
         return not isinstance(self.adapter, str) or f".{self.adapter}." in name
 
-    def own_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if self.owns(name)]
-
 
 class OwnState:
     """A net seen through its own tensors (see :meth:`Denoiser.owns`): what a checkpoint or an EMA

@@ -60,6 +60,18 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for name, p in module.named_parameters() if p.requires_grad and owns(name)]
 
 
+@contextlib.contextmanager
+def _frozen(params: list[torch.nn.Parameter]):
+    """Trained ``params`` with ``requires_grad`` off for the duration, then on again."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _unwrap(module):
     return getattr(module, "module", module)
 
@@ -202,17 +214,9 @@ class Trainer:
             stack.enter_context(self.accelerator.no_sync(self.method.nets[name]))
         return stack
 
-    @contextlib.contextmanager
     def _frozen_except(self, keep: str):
         """Every trained net's parameters but ``keep``'s frozen for the duration."""
-        others = [p for name, params in self.trained.items() if name != keep for p in params]
-        for p in others:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in others:
-                p.requires_grad_(True)
+        return _frozen([p for name, params in self.trained.items() if name != keep for p in params])
 
     @contextlib.contextmanager
     def _reading_only(self, stepped: list[str]):
@@ -220,18 +224,14 @@ class Trainer:
         with frozen parameters: gradients still flow to their inputs, but none is computed for their
         weights, so DDP expects no reduction (a GAN head reading part of a DDP critic would otherwise
         leave it waiting for the rest) and FSDP reduces nothing for them."""
-        method, frozen = self.method, {name: net for name, net in self.method.nets.items() if name in self.trained and name not in stepped}
-        for name, net in frozen.items():
+        method, read = self.method, {name: net for name, net in self.method.nets.items() if name in self.trained and name not in stepped}
+        for name, net in read.items():
             method.nets[name] = _unwrap(net)
-            for p in self.trained[name]:
-                p.requires_grad_(False)
         try:
-            yield
+            with _frozen([p for name in read for p in self.trained[name]]):
+                yield
         finally:
-            for name, net in frozen.items():
-                method.nets[name] = net
-                for p in self.trained[name]:
-                    p.requires_grad_(True)
+            method.nets.update(read)
 
     def train_step(self, step: int) -> dict:
         cfg, acc, method = self.cfg, self.accelerator, self.method
