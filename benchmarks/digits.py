@@ -136,8 +136,9 @@ def main(argv=None) -> int:
 
 def last_logged_row(run_dir: Path) -> dict:
     """The run's last metrics row, with its step and training time (steps / it_per_s of an uninterrupted run)."""
-    lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    row = json.loads(lines[-1]) if lines else {}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("phase") != "eval"]  # eval_every's rows carry no training speed
+    row = rows[-1] if rows else {}
     step = int(row.get("step", 0))
     return {**row, "step": step, "train_seconds": step / row["it_per_s"] if row.get("it_per_s") else float("nan")}
 

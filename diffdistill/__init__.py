@@ -19,8 +19,9 @@ so it sits above ``denoiser``, while the backbone adapters sit below it).
     6  run                                                      assembly: teacher + data + method -> trainer
     7  export, eval, toy, plan                                  what users do with a run
     8  zoo, cli_errors                                          the bundled teacher, its judge, the quickstart; errors as one line
-    9  cli                                                      the command line
-   10  __main__                                                 python -m diffdistill
+    9  quality                                                  the in-training metric a run's data gives (eval_every)
+   10  cli                                                      the command line
+   11  __main__                                                 python -m diffdistill
 """
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("run",),
     ("export", "eval", "toy", "plan"),
     ("zoo", "cli_errors"),
+    ("quality",),
     ("cli",),
     ("__main__",),
 )

@@ -25,10 +25,11 @@ from diffdistill.eval.arguments import add_eval_arguments  # light: argparse onl
 
 def _train(args) -> int:
     from diffdistill.config import load_recipe  # lazy: see the note at the top
+    from diffdistill.quality import evaluator_for  # lazy: see the note at the top
     from diffdistill.run import train  # lazy: see the note at the top
 
     cfg = load_recipe(args.recipe, args.overrides)
-    run_dir = train(cfg)
+    run_dir = train(cfg, evaluator_for(cfg))
     print(f"run folder: {run_dir}")
     return 0
 
@@ -107,6 +108,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-layout", choices=("diffusers", "kohya"), default="diffusers",
                         help="--format lora keys: diffusers/peft (default), or kohya's, which ComfyUI and A1111/Forge read (UNet teachers)")
     parser.add_argument("--teacher", default=None, metavar="PATH", help="the teacher pipeline, if it moved since training")
+    parser.add_argument("--checkpoint", default="latest", metavar="WHICH",
+                        help="latest (default), best (the best in-training quality of a run with eval_every), or a step number")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only once the new export is complete)")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
 
@@ -130,7 +133,8 @@ def _summary(info: dict) -> str:
 def _export(args) -> int:
     from diffdistill.export import export_run  # lazy: see the note at the top
 
-    info = export_run(args.run_dir, args.out, args.format, args.steps, args.ema, args.overwrite, args.rank, args.teacher, args.lora_layout)
+    info = export_run(args.run_dir, args.out, args.format, args.steps, args.ema, args.overwrite, args.rank, args.teacher, args.lora_layout,
+                      args.checkpoint)
     print(json.dumps(info, indent=2, default=str) if args.json else _summary(info))
     return 0
 
@@ -208,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = verbs.add_parser("eval", help="FID / KID / CLIP score of a pipeline", description="Generate with any diffusers pipeline folder and score it on the COCO protocol the papers use.")
     add_eval_arguments(ev)
     ev.set_defaults(func=_eval)
-    ex = verbs.add_parser("export", help="write a run's student as a diffusers folder, single file or LoRA", description="Export the latest checkpoint of a run: a diffusers pipeline folder that plain DiffusionPipeline.from_pretrained samples in K steps, one .safetensors, or a LoRA for the teacher.")
+    ex = verbs.add_parser("export", help="write a run's student as a diffusers folder, single file or LoRA", description="Export a checkpoint of a run (the latest, the best, or a step): a diffusers pipeline folder that plain DiffusionPipeline.from_pretrained samples in K steps, one .safetensors, or a LoRA for the teacher.")
     _export_arguments(ex)
     ex.set_defaults(func=_export)
     pl = verbs.add_parser("plan", help="predict per-GPU training memory of a recipe from config files (no weights, no GPU)",

@@ -74,6 +74,11 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int | None = None    # sampler steps for grids; None: the method's own
     sample_guidance: float = 1.0
+    eval_every: int = 0                # score the generator (its EMA if kept) every N steps and at the end; keep the best
+                                       # checkpoint (checkpoints/best); 0 disables. The metric follows the teacher (see quality.py)
+    eval_samples: int = 500            # samples a quality evaluation scores (fixed prompts and noise)
+    eval_prompts: str | None = None    # real teachers: a prompts file (one caption a line) for FID and CLIP score
+    eval_reference: str | None = None  # real teachers: Inception statistics of real images (.npz from `diffdistill eval`)
     log_every: int = 10
     log_with: str = "tensorboard"      # tensorboard (when installed) | wandb (W&B; WANDB_MODE=offline works without network) | none
     resume: bool = True                # continue from the latest checkpoint in `out` if there is one
@@ -244,6 +249,7 @@ OPTIM_RANGES = {"lr": POSITIVE, "betas": FRACTION_BELOW_ONE, "weight_decay": NON
 RANGES = {
     "max_steps": AT_LEAST_ONE, "checkpoint_every": AT_LEAST_ONE, "log_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE,
     "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "sample_every": NON_NEGATIVE, "sample_steps": AT_LEAST_ONE,
+    "eval_every": NON_NEGATIVE, "eval_samples": Range(2),
     "sample_guidance": NON_NEGATIVE, "time_limit_minutes": NON_NEGATIVE, "ema_decay": FRACTION_BELOW_ONE,
     "data.resolution": AT_LEAST_ONE, "data.uncond_prob": Range(0, 1),
     **{f"{section}.{key}": r for section in ("optim", "critic_optim") for key, r in OPTIM_RANGES.items()},

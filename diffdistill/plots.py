@@ -2,6 +2,8 @@
 
 * :func:`loss_figure`: each logged loss on its own panel, raw values faint and a moving average
   over them, with axes, units and a legend;
+* :func:`quality_figure`: in-training quality metrics against step and against wall time, the
+  teacher's value as a dashed line;
 * :func:`labelled_grid`: image rows with their labels (e.g. teacher / start / student, with steps
   and latency) and columns headed by their prompts.
 """
@@ -50,6 +52,31 @@ def loss_figure(rows: list[dict], path: Path, keys: tuple[str, ...] | None = Non
     return _save(figure, path)
 
 
+def quality_figure(rows: list[dict], path: Path, metric: str, reference: dict[str, float]) -> Path | None:
+    """A row of two panels per metric (``metric`` first): against the step and against wall minutes
+    (``train_seconds``), with the teacher's value (``reference``) as a dashed line."""
+    keys = [metric] + sorted({k for row in rows for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                             - {metric, "step", "train_seconds"})
+    keys = [k for k in keys if any(isinstance(row.get(k), (int, float)) for row in rows)]
+    if not rows or not keys:
+        return None
+    figure, axes = plt.subplots(len(keys), 2, figsize=(9, 2.6 * len(keys)), squeeze=False)
+    for r, key in enumerate(keys):
+        points = [(row["step"], row.get("train_seconds", float("nan")) / 60, row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+        steps, minutes, values = zip(*points)
+        for ax, xs, label in ((axes[r, 0], steps, "training step"), (axes[r, 1], minutes, "wall time (minutes)")):
+            ax.plot(xs, values, marker="o", markersize=3, color="tab:blue", label="student")
+            if key in reference:
+                ax.axhline(reference[key], color="tab:red", linestyle="--", linewidth=1.2, label=f"teacher {reference[key]:.4g}")
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best", fontsize="small")
+            if r == len(keys) - 1:
+                ax.set_xlabel(label)
+    figure.suptitle(f"quality during training ({metric})")
+    return _save(figure, path)
+
+
 def labelled_grid(rows: dict[str, torch.Tensor], columns: list[str], path: Path) -> Path:
     """``rows``: label -> images in [0, 1], (N, 3, H, W), one per column; ``columns``: their headings."""
     count = len(columns)
@@ -76,4 +103,4 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-__all__ = ["labelled_grid", "loss_figure", "moving_average"]
+__all__ = ["labelled_grid", "loss_figure", "moving_average", "quality_figure"]

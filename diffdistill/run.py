@@ -24,8 +24,9 @@ from diffdistill.randomness import derive_seed
 from diffdistill.teachers import resolve_teacher
 
 
-def build_trainer(cfg: TrainConfig, teacher=None, data=None) -> Trainer:
-    """The trainer for ``cfg``; ``teacher`` and ``data`` default to what the recipe names."""
+def build_trainer(cfg: TrainConfig, teacher=None, data=None, evaluator=None) -> Trainer:
+    """The trainer for ``cfg``; ``teacher`` and ``data`` default to what the recipe names. ``evaluator``
+    scores quality every ``eval_every`` steps (:func:`diffdistill.quality.evaluator_for` picks one)."""
     accelerator = make_accelerator(cfg)  # first, so a batch that does not split fails before any loading
     announce_precision_without_gpu(cfg, accelerator)
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights (e.g. GAN heads) on every rank
@@ -33,7 +34,7 @@ def build_trainer(cfg: TrainConfig, teacher=None, data=None) -> Trainer:
     place_teacher(teacher, accelerator.device)  # before the method: DMD's regression pairs sample the teacher there
     data = data or build_data_source(cfg, teacher)
     method = build_method(cfg.method, teacher, cfg, data.prompts)
-    return Trainer(cfg, teacher, method, data, accelerator)
+    return Trainer(cfg, teacher, method, data, accelerator, evaluator)
 
 
 def announce_precision_without_gpu(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -65,9 +66,9 @@ def teacher_networks(teacher: Teacher) -> dict[str, nn.Module]:
     return {teacher.component: teacher.backbone, **{k: v for k, v in components.items() if isinstance(v, nn.Module)}}
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, evaluator=None) -> Path:
     """Runs (or resumes) the recipe and returns the run folder."""
-    return build_trainer(cfg).fit()
+    return build_trainer(cfg, evaluator=evaluator).fit()
 
 
 __all__ = ["announce_precision_without_gpu", "build_trainer", "load_recipe_teacher", "teacher_networks", "train"]

@@ -141,7 +141,7 @@ def test_disk_and_permission_failures_are_one_line(failure, words, monkeypatch, 
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
-    def interrupted(cfg):
+    def interrupted(cfg, evaluator=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(diffdistill.run, "train", interrupted)
@@ -153,7 +153,7 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 
 def test_ctrl_c_as_a_program_prints_no_traceback(tmp_path):
     script = ("import diffdistill.run, diffdistill.cli\n"
-              "def stop(cfg): raise KeyboardInterrupt\n"
+              "def stop(cfg, evaluator=None): raise KeyboardInterrupt\n"
               "diffdistill.run.train = stop\n"
               f"raise SystemExit(diffdistill.cli.main(['train', {RECIPE!r}]))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
@@ -271,7 +271,7 @@ def test_a_reused_quickstart_run_reports_no_training_and_keeps_its_time(tmp_path
 def test_quickstart_counts_only_the_steps_it_trains(tmp_path, monkeypatch):
     from diffdistill.zoo import quickstart
 
-    monkeypatch.setattr(quickstart, "train", lambda cfg: cfg.out)
+    monkeypatch.setattr(quickstart, "train", lambda cfg, evaluator=None: cfg.out)
     monkeypatch.setattr(quickstart, "finished_step", lambda run_dir: 40)
     assert quickstart.distill("dmd2", tmp_path / "run", ["max_steps=40"])[2] == 0
     assert quickstart.distill("dmd2", tmp_path / "run", ["max_steps=50"])[2] == 10

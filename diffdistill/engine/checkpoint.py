@@ -41,6 +41,7 @@ from diffdistill.engine.sharded_checkpoint import (
 from diffdistill.engine.sharding import shard_like
 
 LATEST = "latest"
+BEST = "best"  # the checkpoint of the best in-training quality metric (eval_every)
 _STEP_NAME = re.compile(r"step-(\d+)")
 
 
@@ -92,9 +93,9 @@ def restore_rng(tensors: dict, meta: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, nets: dict, emas: dict, optimizers: dict, state: dict, keep: int = 2,
-                    sharded: bool = False) -> Path:
-    """Writes checkpoints/step-XXXXXXXX atomically, points ``latest`` at it, prunes old ones.
-    Unsharded, the main process alone calls it; ``sharded``, every process does (a collective)."""
+                    sharded: bool = False, best: bool = False) -> Path:
+    """Writes checkpoints/step-XXXXXXXX atomically, points ``latest`` (and, if ``best``, ``best``) at
+    it, prunes old ones. Unsharded, the main process alone calls it; ``sharded``, every process does (a collective)."""
     root = Path(run_dir) / "checkpoints"
     name = f"step-{step:08d}"
     tmp = root / f".tmp-{name}"
@@ -120,7 +121,7 @@ def save_checkpoint(run_dir: Path, step: int, nets: dict, emas: dict, optimizers
         barrier()  # every process's shards are on disk before the manifest lists them
     if main:
         write_manifest(tmp)  # last: its presence is what makes the checkpoint complete
-        _publish(root, tmp, name, keep)
+        _publish(root, tmp, name, keep, best)
     if sharded:
         barrier()  # no process goes on (or resumes) before ``latest`` names the new checkpoint
     return root / name
@@ -133,20 +134,26 @@ def _state_dicts(nets: dict, emas: dict, optimizers: dict):
     yield from ((f"optim-{key}", optimizer_to_flat(optimizer)[0]) for key, optimizer in optimizers.items())
 
 
-def _publish(root: Path, tmp: Path, name: str, keep: int) -> None:
-    """Renames the finished folder into place, then points ``latest`` at it, then prunes."""
+def _publish(root: Path, tmp: Path, name: str, keep: int, best: bool = False) -> None:
+    """Renames the finished folder into place, then points ``latest`` (and ``best``) at it, then prunes."""
     final = root / name
     shutil.rmtree(final, ignore_errors=True)  # only ever an unfinished folder: resume moved later complete ones aside
     os.replace(tmp, final)
     fsync_dir(root)
-    pointer = root / f".tmp-{LATEST}"
-    with open(pointer, "w") as f:
+    for pointer in (LATEST, BEST) if best else (LATEST,):
+        _point(root, pointer, name)
+    prune(root, keep, written=name)
+
+
+def _point(root: Path, pointer: str, name: str) -> None:
+    """``root/pointer`` names ``name``, replaced atomically (written beside it, fsynced, renamed)."""
+    tmp = root / f".tmp-{pointer}"
+    with open(tmp, "w") as f:
         f.write(name)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(pointer, root / LATEST)
+    os.replace(tmp, root / pointer)
     fsync_dir(root)
-    prune(root, keep, written=name)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -164,15 +171,30 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def prune(root: Path, keep: int, written: str) -> None:
-    """Keeps the checkpoint just ``written`` and the ``keep - 1`` others of highest step; deletes
-    the rest of the complete ones. (A run restarted in an old folder writes lower steps than those.)"""
+    """Keeps the checkpoint just ``written``, the one ``best`` names, and the ``keep - 1`` others of
+    highest step; deletes the rest of the complete ones. (A run restarted in an old folder writes
+    lower steps than those.)"""
     if keep <= 0:
         return
-    others = [p for p in complete_checkpoints(root) if p.name != written]
+    best = _pointed(root, BEST)
+    others = [p for p in complete_checkpoints(root) if p.name not in (written, best)]
     for old in others[:max(0, len(others) - (keep - 1))]:
         os.replace(old, root / f".pruned-{old.name}")  # first out of sight: a kill mid-delete leaves no half checkpoint named step-*
     for leftover in root.glob(".pruned-step-*"):  # this prune's, and any a killed run left
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _pointed(root: Path, pointer: str) -> str | None:
+    path = root / pointer
+    return path.read_text().strip() if path.is_file() else None
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint ``best`` names (the run's best quality metric, see ``eval_every``), else None."""
+    root = Path(run_dir) / "checkpoints"
+    name = _pointed(root, BEST)
+    named = root / name if name else None
+    return named if named in complete_checkpoints(root) else None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -1,7 +1,8 @@
 """The one training loop, on ``accelerate``: one process, or many under DDP or FSDP2 (``parallel``).
 
 Each optimizer step: ask the method which phase the step is, run ``grad_accum`` micro-batches of
-that phase's loss, clip, step, update the EMA; then log, draw a sample grid, checkpoint.
+that phase's loss, clip, step, update the EMA; then log, draw a sample grid, evaluate quality
+(``eval_every``, with an evaluator: :mod:`.quality`), checkpoint.
 Randomness and data order are functions of (seed, step), so a resumed run and a run on more
 processes reproduce the single uninterrupted run (see :mod:`diffdistill.randomness`).
 """
@@ -22,10 +23,18 @@ from diffdistill.conditioning import PromptCache, encode_prompts
 from diffdistill.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from diffdistill.denoiser import OwnState, adapter_checkpointing
 from diffdistill.ema import EMA
-from diffdistill.engine.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
+from diffdistill.engine.checkpoint import (
+    best_checkpoint,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from diffdistill.engine.config_changes import check_resume, record_changes
 from diffdistill.engine.logging import append_metrics, drop_metrics_after, flat_config, log_grid, save_grid, tracker_for
 from diffdistill.engine.offload import HostOffloadedOptimizer
+from diffdistill.engine.quality import Evaluator, improves, save_quality_curve, summary, teacher_reference
 from diffdistill.engine.run_folder import RunFolderLock, main_decides, move_old_run_aside
 from diffdistill.engine.sharding import full_tensor, is_sharded, reshard, set_gradient_sync, shard
 from diffdistill.engine.signals import StopRequest, stop_on_signals
@@ -139,10 +148,17 @@ def place_teacher(teacher, device) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, teacher, method: Method, data, accelerator: Accelerator | None = None):
+    def __init__(self, cfg: TrainConfig, teacher, method: Method, data, accelerator: Accelerator | None = None,
+                 evaluator: Evaluator | None = None):
         """``teacher``, ``method`` and ``data`` come built (see :mod:`diffdistill.run`, which builds
-        them from a recipe); the trainer knows only the :class:`~diffdistill.methods.base.Method` protocol."""
-        self.cfg, self.run_dir = cfg, Path(cfg.out)
+        them from a recipe); the trainer knows only the :class:`~diffdistill.methods.base.Method` protocol
+        and, for ``eval_every``, the :class:`~diffdistill.engine.quality.Evaluator` one."""
+        if cfg.eval_every and evaluator is None:
+            raise ConfigError("eval_every needs a quality metric for this teacher: train with `diffdistill train`, or pass "
+                              "evaluator=diffdistill.quality.evaluator_for(cfg) to build_trainer / train; or set eval_every=0")
+        self.cfg, self.run_dir, self.evaluator = cfg, Path(cfg.out), evaluator
+        self.best: tuple[int, float] | None = None  # (step, value) of the best evaluation so far
+        self.seconds_before = 0.0  # wall seconds of the run before this process resumed it
         self.accelerator = accelerator or make_accelerator(cfg)
         self.local_batch = cfg.batch_size // (cfg.grad_accum * self.accelerator.num_processes)
         self.teacher, self.method, self.data = teacher, method, data
@@ -287,12 +303,20 @@ class Trainer:
         optimizers = {k: opt.optimizer for k, opt in self.optimizers.items()}
         return nets, dict(self.emas), optimizers
 
-    def checkpoint(self, step: int) -> Path:
+    def checkpoint(self, step: int, seconds: float, quality: dict | None = None) -> Path:
+        """Writes the step's checkpoint; with ``quality`` (the main process's evaluation) it is kept in
+        ``state.json`` and, when it is the best so far, ``checkpoints/best`` names this checkpoint."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if self.sharded or acc.is_main_process:  # sharded, every process writes its own shards
-            state = {"config": to_dict(self.cfg), "teacher": self.cfg.teacher, "method": self.cfg.method}
-            save_checkpoint(self.run_dir, step, *self._state_views(), state, self.cfg.keep_checkpoints, sharded=self.sharded)
+            state = {"config": to_dict(self.cfg), "teacher": self.cfg.teacher, "method": self.cfg.method, "train_seconds": seconds}
+            best = False
+            if quality is not None:
+                state["quality"] = quality
+                value = quality[self.evaluator.metric]
+                best = improves(value, self.best and self.best[1], self.evaluator.lower_is_better)
+                self.best = (step, value) if best else self.best
+            save_checkpoint(self.run_dir, step, *self._state_views(), state, self.cfg.keep_checkpoints, sharded=self.sharded, best=best)
         acc.wait_for_everyone()
         return self.run_dir / "checkpoints" / f"step-{step:08d}"
 
@@ -301,7 +325,9 @@ class Trainer:
         path = main_decides(self.accelerator, self._plan_resume)
         if path is None:
             return 0
-        return int(load_checkpoint(Path(path), *self._state_views())["step"])
+        state = load_checkpoint(Path(path), *self._state_views())
+        self.seconds_before = float(state.get("train_seconds", 0.0))
+        return int(state["step"])
 
     def _plan_resume(self) -> str | None:
         """Main process: the checkpoint to continue from, once the config is checked against it;
@@ -325,7 +351,17 @@ class Trainer:
             print(f"resuming from step {step} (checkpoint {path})")
         dump_yaml(cfg, run_dir / "config.yaml")
         drop_metrics_after(run_dir, step)
+        self.best = self._saved_best()
         return None if path is None else str(path)
+
+    def _saved_best(self) -> tuple[int, float] | None:
+        """(step, value) of the checkpoint ``best`` names, if it was ranked by this run's metric."""
+        path = best_checkpoint(self.run_dir)
+        if path is None or self.evaluator is None:
+            return None
+        saved = json.loads((path / "state.json").read_text())
+        value = saved.get("quality", {}).get(self.evaluator.metric)
+        return None if value is None else (int(saved["step"]), float(value))
 
     @torch.no_grad()
     def sample_grid(self, step: int) -> Path | None:
@@ -342,6 +378,57 @@ class Trainer:
         path = save_grid(decode_latents(self.teacher.pipe, x0).cpu(), self.run_dir / "samples" / f"step-{step:08d}.png")
         log_grid(self.accelerator.trackers, path, step)
         return path
+
+    @contextlib.contextmanager
+    def _sampling_weights(self):
+        """The generator as a user gets it: unwrapped (no DDP collective on one process) and, when the
+        run keeps an EMA, with the EMA's weights loaded; the trained weights are restored after."""
+        method, wrapped = self.method, dict(self.method.nets)
+        method.nets.update({name: _unwrap(net) for name, net in wrapped.items()})
+        own = OwnState(method.nets["generator"])
+        trained = {k: v.detach().clone() for k, v in own.state_dict().items()} if "generator" in self.emas else None
+        try:
+            if trained is not None:
+                own.load_state_dict(self.emas["generator"].state_dict())
+            yield
+        finally:
+            if trained is not None:
+                own.load_state_dict(trained)
+            method.nets.update(wrapped)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], batch: int = 100) -> torch.Tensor:
+        """Samples for ``prompts`` from the same noise every call (seeded by the run's seed), with the
+        method's own sampler at ``sample_guidance``: images in [-1, 1], or data for a pipeline-less teacher."""
+        cfg, device = self.cfg, self.accelerator.device
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "eval"))
+        noise = torch.randn((len(prompts), *self.teacher.latent_shape), generator=gen)
+        steps = cfg.sample_steps or self.method.default_sample_steps
+        out = []
+        with self._sampling_weights():
+            for i in range(0, len(prompts), batch):
+                chunk = prompts[i : i + batch]
+                x0 = self.method.sample(noise[i : i + batch].to(device), self.encode(chunk), self.encode([""] * len(chunk)),
+                                        steps, cfg.sample_guidance, gen)
+                out.append((decode_latents(self.teacher.pipe, x0) * 2 - 1 if self.teacher.pipe is not None else x0).float().cpu())
+        return torch.cat(out)
+
+    def evaluate(self, step: int, seconds: float) -> dict | None:
+        """The evaluator's metrics at ``step`` on the main process (every process samples under FSDP),
+        logged to metrics.jsonl, the trackers and ``quality.png``; None on the other processes."""
+        acc = self.accelerator
+        if not (acc.is_main_process or self.sharded):
+            return None
+        samples = self.generate(self.evaluator.prompts)
+        if not acc.is_main_process:
+            return None
+        metrics = {k: float(v) for k, v in self.evaluator(samples).items() if isinstance(v, (int, float))}
+        append_metrics(self.run_dir, step, {"phase": "eval", **metrics, "train_seconds": seconds})
+        acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        reference = teacher_reference(self.run_dir, self.evaluator)
+        save_quality_curve(self.run_dir, self.evaluator, reference)
+        tqdm.write(summary(step, metrics, self.evaluator.metric, self.best, reference))
+        return metrics
 
     def _should_stop(self, tic: float, request: StopRequest) -> tuple[bool, int]:
         """(past the time limit, the stop signal or 0), one decision for every process (one all-reduce),
@@ -380,9 +467,11 @@ class Trainer:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if isinstance(v, float)})
                 if cfg.sample_every and done % cfg.sample_every == 0 and (acc.is_main_process or self.sharded):
                     self.sample_grid(done)
+                evaluating = bool(cfg.eval_every) and (done % cfg.eval_every == 0 or done == cfg.max_steps)
+                quality = self.evaluate(done, self.seconds_before + time.perf_counter() - tic) if evaluating else None
                 out_of_time, signum = self._should_stop(tic, request)
-                if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time or signum:
-                    path = self.checkpoint(done)
+                if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or out_of_time or signum or evaluating:
+                    path = self.checkpoint(done, self.seconds_before + time.perf_counter() - tic, quality)
                 if signum:
                     raise TrainingInterrupted(f"{signal.Signals(signum).name}: stopped after step {done} with checkpoint {path}; "
                                               "run the same command again to resume", signum)

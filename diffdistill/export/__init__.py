@@ -142,10 +142,10 @@ def export_student(student: Student, out, fmt: str = "diffusers", steps: int | N
 
 
 def export_run(run_dir, out, fmt: str = "diffusers", steps: int | None = None, ema: bool | None = None, overwrite: bool = False,
-               rank: int = 64, teacher: str | None = None, lora_layout: str = "diffusers") -> dict:
-    """``diffdistill export`` from Python: the latest checkpoint of ``run_dir`` to ``out``."""
+               rank: int = 64, teacher: str | None = None, lora_layout: str = "diffusers", checkpoint: str = "latest") -> dict:
+    """``diffdistill export`` from Python: a checkpoint of ``run_dir`` (latest, best or a step) to ``out``."""
     check_destination(Path(run_dir), Path(out), fmt, overwrite)  # fail before loading anything
-    student = load_student(run_dir, ema=ema, teacher=teacher)
+    student = load_student(run_dir, ema=ema, teacher=teacher, checkpoint=checkpoint)
     return export_student(student, out, fmt, steps, overwrite, rank, lora_layout)
 
 

@@ -21,7 +21,7 @@ import torch
 from diffdistill.backbones.loading import CheckpointError, Teacher
 from diffdistill.conditioning import encode_prompts
 from diffdistill.config import TrainConfig, from_dict
-from diffdistill.engine.checkpoint import latest_checkpoint, read_state, saved_state
+from diffdistill.engine.checkpoint import best_checkpoint, complete_checkpoints, latest_checkpoint, read_state, saved_state
 from diffdistill.generator import check_timesteps, sample_student
 from diffdistill.methods.base import method_options
 from diffdistill.teachers import resolve_teacher
@@ -76,11 +76,15 @@ def student_input_scale(method_spec: dict, schedule, timesteps: list) -> float:
     return float(schedule.sigma(torch.tensor([float(timesteps[0])]))) if getattr(options, "scale_input", False) else 1.0
 
 
-def _checkpoint(run_dir: Path) -> tuple[Path, dict]:
+def _checkpoint(run_dir: Path, which: str = "latest") -> tuple[Path, dict]:
+    """The checkpoint ``which`` names: ``latest``, ``best`` (see ``eval_every``), or a step (``1200`` / ``step-00001200``)."""
     if not run_dir.is_dir():
         raise ExportError(f"run folder {str(run_dir)!r} does not exist; give the out= folder of a `diffdistill train` run")
     if not (run_dir / "config.yaml").is_file() and not (run_dir / "checkpoints").is_dir():
         raise ExportError(f"{str(run_dir)!r} is not a run folder (no config.yaml, no checkpoints/); give the out= folder of a `diffdistill train` run")
+    if which != "latest":
+        path = _chosen_checkpoint(run_dir, which)
+        return path, json.loads((path / "state.json").read_text())
     path = latest_checkpoint(run_dir)
     if path is None:
         partial = sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*")) if (run_dir / "checkpoints").is_dir() else []
@@ -90,6 +94,21 @@ def _checkpoint(run_dir: Path) -> tuple[Path, dict]:
             "Train until the first checkpoint is written (at checkpoint_every steps and at max_steps), then export"
         )
     return path, json.loads((path / "state.json").read_text())
+
+
+def _chosen_checkpoint(run_dir: Path, which: str) -> Path:
+    root = run_dir / "checkpoints"
+    if which == "best":
+        path = best_checkpoint(run_dir)
+        if path is None:
+            raise ExportError(f"{str(run_dir)!r} has no best checkpoint: checkpoints/best is written by runs with eval_every > 0 "
+                              "(and names a checkpoint that still exists); export --checkpoint latest, or train with eval_every=N")
+        return path
+    name = which if which.startswith("step-") else f"step-{int(which):08d}" if which.isdigit() else None
+    found = [p.name for p in complete_checkpoints(root)]
+    if name not in found:
+        raise ExportError(f"--checkpoint {which}: choose latest, best or one of the run's checkpoints ({', '.join(found) or 'none'})")
+    return root / name
 
 
 def _weights_file(path: Path, ema: bool | None) -> tuple[Path, bool]:
@@ -159,11 +178,11 @@ def load_into_backbone(teacher: Teacher, state: dict, source: str) -> tuple[torc
     return backbone.requires_grad_(False).eval(), adapters or None
 
 
-def load_student(run_dir, *, ema: bool | None = None, teacher: str | None = None) -> Student:
-    """The latest finished checkpoint of ``run_dir`` as a :class:`Student` (EMA weights if the run
-    kept them, unless ``ema=False``). ``teacher`` overrides the recipe's teacher path (if it moved)."""
+def load_student(run_dir, *, ema: bool | None = None, teacher: str | None = None, checkpoint: str = "latest") -> Student:
+    """A finished checkpoint of ``run_dir`` (``checkpoint``: latest, best or a step) as a :class:`Student`
+    (EMA weights if the run kept them, unless ``ema=False``). ``teacher`` overrides the recipe's teacher path (if it moved)."""
     run_dir = Path(run_dir)
-    path, state = _checkpoint(run_dir)
+    path, state = _checkpoint(run_dir, checkpoint)
     cfg = from_dict(TrainConfig, state["config"])
     weights, ema = _weights_file(path, ema)
     loaded_teacher = _resolve_teacher(cfg, teacher)

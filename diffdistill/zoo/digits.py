@@ -164,4 +164,4 @@ def train_digits_teacher(out, seed: int = 0, vae_steps: int = 600, unet_steps: i
     return report
 
 
-__all__ = ["RESOLUTION", "digits_pipeline", "train_vae", "train_digits_teacher", "vae_loss"]
+__all__ = ["RESOLUTION", "digits_pipeline", "train_digits_teacher", "train_vae", "vae_loss"]

@@ -167,8 +167,8 @@ def judge_samples(judge: DigitJudge, images: torch.Tensor, labels) -> dict:
         "prompt_accuracy": float(correct.mean()),
         "per_digit_accuracy": per_digit,
         "digits_covered": sum(v >= 0.5 for v in per_digit.values()),
-        "num_samples": int(len(labels)),
+        "num_samples": len(labels),
     }
 
 
-__all__ = ["DigitJudge", "JUDGE_FILE", "digit_fid", "judge_samples", "load_judge", "reference_statistics", "save_judge", "train_judge"]
+__all__ = ["JUDGE_FILE", "DigitJudge", "digit_fid", "judge_samples", "load_judge", "reference_statistics", "save_judge", "train_judge"]

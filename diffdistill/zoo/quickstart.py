@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 
 from diffdistill.config import load_recipe
 from diffdistill.data.digits import digit_prompt
@@ -31,8 +30,15 @@ from diffdistill.plots import labelled_grid, loss_figure
 from diffdistill.run import train
 from diffdistill.zoo import ZOO_RECIPES, digits_methods, zoo_path
 from diffdistill.zoo.judge import judge_samples, load_judge
-
-TEACHER_STEPS = 25
+from diffdistill.zoo.quality import (
+    TEACHER_STEPS,
+    DigitsQuality,
+    evaluation_prompts,
+    generate_images,
+    initial_noise,
+    latent_shape,
+    load_pipeline,
+)
 
 
 def recipe_path(method: str) -> Path:
@@ -40,27 +46,6 @@ def recipe_path(method: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no digits recipe for method {method!r} ({path}); available: {', '.join(digits_methods()) or 'none'}")
     return path
-
-
-def evaluation_prompts(n: int) -> tuple[list[str], list[int]]:
-    """``n`` prompts cycling through the digits 0-9 and the three phrasings."""
-    labels = [i % 10 for i in range(n)]
-    return [digit_prompt(d, i // 10) for i, d in enumerate(labels)], labels
-
-
-def initial_noise(n: int, latent_shape, seed: int) -> torch.Tensor:
-    return torch.randn((n, *latent_shape), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def generate_images(pipe, prompts: list[str], latents: torch.Tensor, steps: int, guidance: float, batch_size: int = 250) -> torch.Tensor:
-    """The pipeline's own output (``output_type="pt"``) for given initial latents, mapped to [-1, 1]."""
-    images = []
-    for i in range(0, len(prompts), batch_size):
-        out = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   latents=latents[i : i + batch_size], output_type="pt")
-        images.append(out.images * 2 - 1)
-    return torch.cat(images)
 
 
 @torch.no_grad()
@@ -87,7 +72,7 @@ def distill(method: str, run_dir: Path, overrides: list[str] | None = None):
     cfg = load_recipe(recipe_path(method), [f"out={run_dir}", *(overrides or [])])
     start = finished_step(run_dir) if cfg.resume else 0
     tic = time.perf_counter()
-    train(cfg)
+    train(cfg, DigitsQuality.for_config(cfg) if cfg.eval_every else None)
     return cfg, time.perf_counter() - tic, max(cfg.max_steps - start, 0)
 
 
@@ -127,12 +112,6 @@ def judge_generator(pipe, steps: int, guidance: float, prompts: list[str], label
     return metrics, images
 
 
-def load_pipeline(path):
-    pipe = DiffusionPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def evaluate(teacher_dir, student_dir, *, num_samples: int = 1000, guidance: float, seed: int = 0,
              latency_repeats: int = 7, grids_dir: Path | None = None) -> dict:
     """Judges teacher (25 steps, guided), start (teacher, 1 step) and student (exported, 1 step)."""
@@ -153,12 +132,6 @@ def evaluate(teacher_dir, student_dir, *, num_samples: int = 1000, guidance: flo
     results["speedup"] = results["teacher"]["latency_s"] / results["student"]["latency_s"]
     results["judge_held_out_accuracy"] = judge.report.get("held_out_accuracy")
     return results
-
-
-def latent_shape(pipe) -> tuple[int, int, int]:
-    config = pipe.unet.config
-    return (config.in_channels, config.sample_size, config.sample_size)
-
 
 def results_table(results: dict) -> str:
     lines = ["| generator | steps | digit-FID | prompt accuracy | digits covered | latency / image | speedup |", "|---|---|---|---|---|---|---|"]
