@@ -3,13 +3,19 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffdistill import cli
 from diffdistill.config import ConfigError, load_recipe
 from diffdistill.engine.checkpoint import best_checkpoint
+from diffdistill.eval import MissingWeightsError
+from diffdistill.eval.fid import INCEPTION_ENV, TORCHSCRIPT_FILE, InceptionFeatureExtractor, frechet_distance, load_statistics
+from diffdistill.eval.inception import write_random_torchscript_inception
+from diffdistill.eval.protocol import extract_features
 from diffdistill.export import export_run
 from diffdistill.quality import evaluator_for
 from diffdistill.run import build_trainer, train
@@ -116,3 +122,45 @@ def test_digits_runs_rank_by_the_digit_judge_through_the_cli(tmp_path):
     teacher = json.loads((run / "quality-reference.json").read_text())["values"]
     assert teacher["digit_fid"] < row["digit_fid"] and teacher["prompt_accuracy"] > 0.8  # the 25-step teacher beats a 2-step student
     assert best_checkpoint(run).name == "step-00000002"
+
+
+def test_real_teachers_rank_by_fid_on_captions_as_the_eval_harness_scores_the_same_images(tmp_path, monkeypatch):
+    """FID-N of in-memory samples equals the eval protocol's on the same images saved as PNG, against the given statistics."""
+    monkeypatch.setenv(INCEPTION_ENV, str(write_random_torchscript_inception(tmp_path / TORCHSCRIPT_FILE, seed=0)))
+    prompts = tmp_path / "captions.txt"
+    prompts.write_text("".join(f"a photo of {n} digits\n" for n in range(12)))
+    extractor = InceptionFeatureExtractor.load(tmp_path / TORCHSCRIPT_FILE)
+    real = [tmp_path / f"real{i}.png" for i in range(5)]
+    for i, path in enumerate(real):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    extract_features(real, extractor).save(tmp_path / "reference.npz", extractor=extractor.describe())
+    settings = [f"out={tmp_path / 'run'}", "max_steps=2", "eval_every=2", "eval_samples=4", f"eval_prompts={prompts}",
+                f"eval_reference={tmp_path / 'reference.npz'}", *FAST]
+    cfg = load_recipe(RECIPE, settings)
+    trainer = build_trainer(cfg, evaluator=evaluator_for(cfg))
+    trainer.fit()
+    logged = eval_rows(tmp_path / "run")[0]["fid"]
+
+    samples = trainer.generate(trainer.evaluator.prompts)  # the same noise and weights as the evaluation at step 2
+    saved = []
+    for i, image in enumerate(((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
+        saved.append(tmp_path / f"generated{i}.png")
+        Image.fromarray(image).save(saved[-1])
+    stats = extract_features(saved, extractor)
+    mu, sigma, _, _ = load_statistics(tmp_path / "reference.npz")
+    assert logged == pytest.approx(frechet_distance(stats.mean, stats.covariance, mu, sigma), rel=1e-6)
+    assert logged > 1.0  # samples of a random tiny teacher against other random images: far apart, not FID(x, x)
+
+
+def test_real_teacher_evaluation_settings_are_checked_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "nowhere.pt"))
+    prompts = tmp_path / "captions.txt"
+    prompts.write_text("one\ntwo\n")
+    base = [f"out={tmp_path}", "eval_every=2", f"eval_prompts={prompts}"]
+    with pytest.raises(ConfigError, match="eval_reference=.*does not exist"):
+        evaluator_for(load_recipe(RECIPE, [*base, f"eval_reference={tmp_path / 'missing.npz'}", "eval_samples=2"]))
+    (tmp_path / "stats.npz").write_bytes(b"")
+    with pytest.raises(ConfigError, match="eval_prompts.*3"):  # more samples than captions
+        evaluator_for(load_recipe(RECIPE, [*base, f"eval_reference={tmp_path / 'stats.npz'}", "eval_samples=3"]))
+    with pytest.raises(MissingWeightsError, match=INCEPTION_ENV):
+        evaluator_for(load_recipe(RECIPE, [*base, f"eval_reference={tmp_path / 'stats.npz'}", "eval_samples=2"]))
