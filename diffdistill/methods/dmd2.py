@@ -3,7 +3,8 @@
 Differences from DMD (Sec. 4): no regression loss; a two time-scale update rule, ``ratio``
 critic updates per generator update (10 for SD1.5, 5 for SDXL and ImageNet); a GAN loss whose
 classifier reads the critic's bottleneck features at diffusion-noised inputs; and few-step
-students trained by backward simulation. In our notation:
+students trained by backward simulation. Optionally (``regression_warmup``) the generator first
+regresses on teacher ODE pairs alone, as DMD2's one-step SDXL student starts (Sec. 5.2). In our notation:
 
     generator:  L_G = L_DM + lambda_G * softplus(-l(x~_fake))                      (Eq. 6 / Sec. 4.3)
     critic:     L_F = DSM(F; sg(G(z))) + lambda_D * [softplus(l(x~_fake)) + softplus(-l(x~_real))]
@@ -24,7 +25,7 @@ from diffdistill.conditioning import encode_prompts
 from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
 from diffdistill.methods.adversarial import discriminator_loss, generator_gan_loss, noised, require_real_images
 from diffdistill.methods.base import register_method
-from diffdistill.methods.dmd import default_range, distribution_matching_grad, surrogate_loss
+from diffdistill.methods.dmd import default_range, distribution_matching_grad, make_regression_pairs, regression_loss, surrogate_loss
 from diffdistill.scores import ScoreEngine, build_gan_head, critic_phase_loss, make_critic
 
 
@@ -43,14 +44,19 @@ class DMD2Options:
     student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     normalize: str = "sample"              # DM gradient normalization: sample (DMD2) | batch | none
     dm_precision: str = "fp32"             # the DM term's passes: fp32 (outside autocast, x0 in float64; DMD2) | autocast
+    regression_warmup: int = 0             # first steps: generator only, regressing on teacher ODE pairs (DMD's Eq. 9 loss); 0: none
+    regression_pairs: int = 1024           # noise -> teacher ODE sample pairs for the warm-up, made once at the start
+    regression_steps: int = 25             # DDIM steps (at ``guidance``) of the teacher ODE that makes them
 
 
 class DMD2:
     phases = ("generator", "critic")
 
-    def __init__(self, options: DMD2Options, teacher):
+    def __init__(self, options: DMD2Options, teacher, prompts: list[str] | None = None, seed: int = 0):
         if options.ratio < 1:
             raise ValueError(f"method.ratio={options.ratio}: need at least one critic update per generator update")
+        if options.regression_warmup and (options.timesteps or [None])[1:]:
+            raise ValueError("method.regression_warmup regresses a one-step student; drop it, or train one step (no timesteps list)")
         self.options, self.teacher, self.schedule = options, teacher, teacher.schedule
         timesteps = options.timesteps or [self.schedule.t_max]
         self.timesteps = check_timesteps(self.schedule, timesteps)
@@ -61,6 +67,8 @@ class DMD2:
         self.engine = ScoreEngine(teacher, self.nets, gan_name="gan_head" if options.gan_weight > 0 else None, gan_features=options.gan_features)
         self.dm_times = default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)
+        self.pairs = make_regression_pairs(teacher, prompts or [""], options.regression_pairs, options.regression_steps, options.guidance,
+                                           seed) if options.regression_warmup else None
 
     def _gan_head(self):
         x = torch.zeros((1, *self.teacher.latent_shape))
@@ -69,8 +77,10 @@ class DMD2:
         return build_gan_head(source, x, torch.full((1,), self.schedule.t_max / 2), cond)
 
     def phase(self, step: int) -> str:
-        """``ratio`` critic steps, then one generator step (DMD2's TTUR as data, not a flag)."""
-        return "generator" if step % (self.options.ratio + 1) == self.options.ratio else "critic"
+        """Generator steps through the regression warm-up; then ``ratio`` critic steps and one generator
+        step (DMD2's TTUR as data, not a flag)."""
+        step -= self.options.regression_warmup
+        return "generator" if step < 0 or step % (self.options.ratio + 1) == self.options.ratio else "critic"
 
     def phase_nets(self, phase: str) -> list[str]:
         return ["generator"] if phase == "generator" else [k for k in ("critic", "gan_head") if k in self.nets]
@@ -80,6 +90,9 @@ class DMD2:
 
     def generator_loss(self, batch):
         rng, n = batch["rng"], len(batch["prompts"])
+        if batch["step"] < self.options.regression_warmup:
+            loss = regression_loss(self.nets["generator"], self.pairs, self.timesteps[0], rng, n)
+            return loss, {"loss_reg": loss.mean().item()}
         x = self._student(batch, n)
         t = self.dm_times(self.schedule, n, rng).to(x.device)
         grad, logs = distribution_matching_grad(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], self.options.guidance,
@@ -112,4 +125,4 @@ class DMD2:
 
 @register_method("dmd2", DMD2Options)
 def build_dmd2(options: DMD2Options, teacher, train_cfg, prompts) -> DMD2:
-    return DMD2(options, teacher)
+    return DMD2(options, teacher, prompts, train_cfg.seed)
