@@ -89,37 +89,51 @@ class FeatureTap:
 
 
 class GANHead(nn.Module):
-    """A small classifier on backbone features, giving one logit per sample.
+    """A small classifier on backbone features: one logit per sample (``pooled``) or per patch (``patch``).
 
-    DMD2 (Yin et al. 2024, Sec. 4.3) stacks strided convs, GroupNorm and SiLU on the SD UNet's
-    bottleneck; we keep that shape but end in global pooling, so it fits any feature size:
-    image features (B, C, H, W), token features (B, N, C) or vectors (B, C).
+    ``pooled`` (the default; any feature shape): on image features (B, C, H, W), strided convs,
+    GroupNorm and SiLU as DMD2 stacks them on the SD UNet's bottleneck, then global pooling; on
+    token features (B, N, C) or vectors (B, C), an MLP, averaged over tokens.
+    ``patch`` (image features): DMD2's SD1.5 head itself (``cls_pred_branch`` in its
+    ``main/sd_guidance.py``): a 4x4 stride-2 conv, a 4x4 stride-4 conv, each with GroupNorm and
+    SiLU, and a 1x1 conv to one logit per patch, no pooling. On SD1.5's 8x8 bottleneck that is one
+    patch; on a map under 8 the second kernel shrinks to the map (stride equal to it).
     """
 
-    def __init__(self, channels: int, ndim: int, width: int = 256):
+    def __init__(self, channels: int, ndim: int, width: int = 256, kind: str = "pooled", size: int | None = None):
         super().__init__()
+        if kind not in GAN_HEADS or (kind == "patch" and (ndim != 4 or size is None or size < 2)):
+            raise ValueError(f"gan_head={kind!r}: choose one of {', '.join(GAN_HEADS)}; patch needs image features of side >= 2")
         self.ndim = ndim
-        if ndim == 4:
-            groups = 32 if channels % 32 == 0 else 8 if channels % 8 == 0 else 1
-            self.net = nn.Sequential(
-                nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
-                nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1),
-            )
+        groups = 32 if channels % 32 == 0 else 8 if channels % 8 == 0 else 1
+        conv_norm = lambda k, stride, pad: [nn.Conv2d(channels, channels, k, stride, pad), nn.GroupNorm(groups, channels), nn.SiLU()]
+        if kind == "patch":
+            second = min(4, size // 2)
+            self.net = nn.Sequential(*conv_norm(4, 2, 1), *conv_norm(second, second, 0), nn.Conv2d(channels, 1, 1), nn.Flatten())
+        elif ndim == 4:
+            self.net = nn.Sequential(*conv_norm(3, 1, 1), *conv_norm(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1))
         else:
             self.net = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, width), nn.SiLU(), nn.Linear(width, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) or, for ``patch``, (B, patches)."""
         out = self.net(features.float())
-        return out.mean(1).squeeze(-1) if self.ndim == 3 else out.squeeze(-1)
+        if self.ndim == 3:
+            return out.mean(1).squeeze(-1)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
-def build_gan_head(denoiser, example_x: torch.Tensor, t: torch.Tensor, cond: dict) -> GANHead:
+GAN_HEADS = ("pooled", "patch")
+
+
+def build_gan_head(denoiser, example_x: torch.Tensor, t: torch.Tensor, cond: dict, kind: str = "pooled") -> GANHead:
     """Sizes a head by running the backbone once on an example batch and reading its features."""
     tap = FeatureTap(denoiser.backbone)
     with torch.no_grad(), tap.reading():
         denoiser(example_x, t, cond)
-    return GANHead(tap.value.shape[-1] if tap.value.ndim == 3 else tap.value.shape[1], tap.value.ndim)
+    features = tap.value
+    channels = features.shape[-1] if features.ndim == 3 else features.shape[1]
+    return GANHead(channels, features.ndim, kind=kind, size=min(features.shape[-2:]) if features.ndim == 4 else None)
 
 
 class ScoreEngine:

@@ -17,12 +17,12 @@ from diffdistill.schedules import add_noise
 from diffdistill.scores import build_gan_head
 
 
-def make_gan_head(teacher, critic, features: str):
-    """A head sized on the features of ``critic`` or of the teacher (``features``: critic | teacher)."""
+def make_gan_head(teacher, critic, features: str, kind: str = "pooled"):
+    """A head (``kind``: pooled | patch) sized on the features of ``critic`` or of the teacher (``features``: critic | teacher)."""
     x = torch.zeros((1, *teacher.latent_shape))
     cond = encode_prompts(teacher.pipe, [""]) if teacher.pipe is not None else {}
     source = critic if features == "critic" else teacher.denoiser()
-    return build_gan_head(source, x, torch.full((1,), teacher.schedule.t_max / 2), cond)
+    return build_gan_head(source, x, torch.full((1,), teacher.schedule.t_max / 2), cond, kind)
 
 
 def noised(schedule, times, x: torch.Tensor, rng) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,17 +31,22 @@ def noised(schedule, times, x: torch.Tensor, rng) -> tuple[torch.Tensor, torch.T
     return add_noise(schedule, x, rng.randn_like(x), t), t
 
 
+def per_sample(loss: torch.Tensor) -> torch.Tensor:
+    """A patch head's per-patch losses averaged to one per sample (a pooled head's pass through)."""
+    return loss.reshape(len(loss), -1).mean(1)
+
+
 def generator_gan_loss(engine, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample softplus(-l(x~)) on generated x~, and the logits (with graph) for other uses."""
     logits, _ = engine.gan_logits(x_t, t, cond)
-    return F.softplus(-logits), logits
+    return per_sample(F.softplus(-logits)), logits
 
 
 def discriminator_loss(engine, fake: tuple, real: tuple, cond: dict) -> tuple[torch.Tensor, dict]:
     """Per-sample softplus(l(x~_fake)) + softplus(-l(x~_real)); ``fake``/``real`` are (x~, t) pairs."""
     fake_logits, _ = engine.gan_logits(*fake, cond)
     real_logits, _ = engine.gan_logits(*real, cond)
-    loss = F.softplus(fake_logits) + F.softplus(-real_logits)
+    loss = per_sample(F.softplus(fake_logits) + F.softplus(-real_logits))
     return loss, {"loss_gan_d": loss.mean().item(), "real_logit": real_logits.mean().item(), "fake_logit": fake_logits.mean().item()}
 
 

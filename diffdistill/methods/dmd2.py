@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffdistill.conditioning import encode_prompts
 from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
-from diffdistill.methods.adversarial import discriminator_loss, generator_gan_loss, noised, require_real_images
+from diffdistill.methods.adversarial import discriminator_loss, generator_gan_loss, make_gan_head, noised, require_real_images
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import default_range, distribution_matching_grad, make_regression_pairs, regression_loss, surrogate_loss
-from diffdistill.scores import ScoreEngine, build_gan_head, critic_phase_loss, make_critic
+from diffdistill.scores import ScoreEngine, critic_phase_loss, make_critic
 
 
 @dataclass
@@ -39,6 +38,7 @@ class DMD2Options:
     gan_weight: float = 0.0                # lambda_G on the generator (SD1.5 stage 2: 1e-3; SDXL 5e-3); 0: no GAN
     gan_critic_weight: float = 1e-2        # lambda_D on the classifier's loss, added to the critic's
     gan_features: str = "critic"           # critic (DMD2) | teacher (FastGen)
+    gan_head: str = "pooled"               # pooled (global pooling, any feature shape) | patch (DMD2's SD1.5 head: a logit per patch)
     critic_loss: str = "native"            # native (eps-MSE for SD, as DMD2) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as critic
     student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
@@ -63,18 +63,12 @@ class DMD2:
         self.default_sample_steps = len(self.timesteps)
         self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
         if options.gan_weight > 0:
-            self.nets["gan_head"] = self._gan_head()
+            self.nets["gan_head"] = make_gan_head(teacher, self.nets["critic"], options.gan_features, options.gan_head)
         self.engine = ScoreEngine(teacher, self.nets, gan_name="gan_head" if options.gan_weight > 0 else None, gan_features=options.gan_features)
         self.dm_times = default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)
         self.pairs = make_regression_pairs(teacher, prompts or [""], options.regression_pairs, options.regression_steps, options.guidance,
                                            seed) if options.regression_warmup else None
-
-    def _gan_head(self):
-        x = torch.zeros((1, *self.teacher.latent_shape))
-        cond = encode_prompts(self.teacher.pipe, [""]) if self.teacher.pipe is not None else {}
-        source = self.nets["critic"] if self.options.gan_features == "critic" else self.teacher.denoiser()
-        return build_gan_head(source, x, torch.full((1,), self.schedule.t_max / 2), cond)
 
     def phase(self, step: int) -> str:
         """Generator steps through the regression warm-up; then ``ratio`` critic steps and one generator
