@@ -159,6 +159,7 @@ class Trainer:
         self.cfg, self.run_dir, self.evaluator = cfg, Path(cfg.out), evaluator
         self.best: tuple[int, float] | None = None  # (step, value) of the best evaluation so far
         self.seconds_before = 0.0  # wall seconds of the run before this process resumed it
+        self.reference: dict[str, float] = {}  # the evaluator's teacher values
         self.accelerator = accelerator or make_accelerator(cfg)
         self.local_batch = cfg.batch_size // (cfg.grad_accum * self.accelerator.num_processes)
         self.teacher, self.method, self.data = teacher, method, data
@@ -425,9 +426,8 @@ class Trainer:
         metrics = {k: float(v) for k, v in self.evaluator(samples).items() if isinstance(v, (int, float))}
         append_metrics(self.run_dir, step, {"phase": "eval", **metrics, "train_seconds": seconds})
         acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        reference = teacher_reference(self.run_dir, self.evaluator)
-        save_quality_curve(self.run_dir, self.evaluator, reference)
-        tqdm.write(summary(step, metrics, self.evaluator.metric, self.best, reference))
+        save_quality_curve(self.run_dir, self.evaluator, self.reference)
+        tqdm.write(summary(step, metrics, self.evaluator.metric, self.best, self.reference))
         return metrics
 
     def _should_stop(self, tic: float, request: StopRequest) -> tuple[bool, int]:
@@ -454,6 +454,8 @@ class Trainer:
         start = self.resume()
         if acc.is_main_process and acc.log_with:  # the run folder's name names the W&B run; W&B writes under the run folder
             acc.init_trackers("diffdistill", config=flat_config(cfg), init_kwargs={"wandb": {"name": self.run_dir.name, "dir": str(self.run_dir)}})
+        if self.evaluator is not None and acc.is_main_process:  # before the clock starts: the teacher's cost is not the run's
+            self.reference = teacher_reference(self.run_dir, self.evaluator)
         bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not acc.is_main_process, desc="train")
         tic = time.perf_counter()
         try:
