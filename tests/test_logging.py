@@ -13,13 +13,26 @@ DMD2 = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "dmd2.yaml"
 FAST = ["batch_size=2", "log_every=1", "checkpoint_every=100", "resume=false"]
 
 
-def test_wandb_offline_run_holds_the_metrics_config_and_grids(tmp_path, monkeypatch):
+class Brightness:
+    """A stand-in quality metric (eval_every): the samples' mean."""
+
+    metric, lower_is_better, prompts = "brightness", False, ["a digit 1", "a digit 2"]
+
+    def __call__(self, samples):
+        return {"brightness": float(samples.mean())}
+
+    def reference(self):
+        return {"brightness": 0.0}
+
+
+def test_wandb_offline_run_holds_the_metrics_config_grids_and_quality_curve(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run = train(load_recipe(DMD2, [f"out={tmp_path / 'my-run'}", *FAST, "max_steps=3", "sample_every=3", "log_with=wandb", "optim.lr=0.000123"]))
+    run = train(load_recipe(DMD2, [f"out={tmp_path / 'my-run'}", *FAST, "max_steps=3", "sample_every=3", "log_with=wandb", "optim.lr=0.000123",
+                                   "eval_every=3"]), Brightness())
     (folder,) = (run / "wandb").glob("offline-run-*")
     (log,) = folder.glob("*.wandb")
-    expected = (b"loss_generator", b"loss_critic", b"samples", b"optim.lr", b"0.000123", b"my-run")
+    expected = (b"loss_generator", b"loss_critic", b"samples", b"optim.lr", b"0.000123", b"my-run", b"eval/brightness", b"quality")
     # W&B's record stream (keys and string values stored as text); its writer process may still be
     # flushing when finish() has returned, on a loaded machine for a second or two
     deadline = time.monotonic() + 60

@@ -45,14 +45,14 @@ def flat_config(cfg) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
 
 
-def log_grid(trackers: list, path: Path, step: int) -> None:
-    """A sample grid PNG to every tracker, in the form each one takes."""
+def log_image(trackers: list, path: Path, step: int, name: str = "samples") -> None:
+    """A PNG (a sample grid, the quality curve) to every tracker under ``name``, in the form each one takes."""
     image = np.asarray(Image.open(path).convert("RGB"))
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({"samples": image[None]}, step=step, dataformats="NHWC")
+            tracker.log_images({name: image[None]}, step=step, dataformats="NHWC")
         elif tracker.name == "wandb":
-            tracker.log_images({"samples": [image]}, step=step)
+            tracker.log_images({name: [image]}, step=step)
 
 
 def append_metrics(run_dir: Path, step: int, logs: dict) -> None:

@@ -32,7 +32,7 @@ from diffdistill.engine.checkpoint import (
     save_checkpoint,
 )
 from diffdistill.engine.config_changes import check_resume, record_changes
-from diffdistill.engine.logging import append_metrics, drop_metrics_after, flat_config, log_grid, save_grid, tracker_for
+from diffdistill.engine.logging import append_metrics, drop_metrics_after, flat_config, log_image, save_grid, tracker_for
 from diffdistill.engine.offload import HostOffloadedOptimizer
 from diffdistill.engine.quality import Evaluator, improves, save_quality_curve, summary, teacher_reference
 from diffdistill.engine.run_folder import RunFolderLock, main_decides, move_old_run_aside
@@ -377,7 +377,7 @@ class Trainer:
         if not self.accelerator.is_main_process:  # under FSDP every process joins the sampling; one writes
             return None
         path = save_grid(decode_latents(self.teacher.pipe, x0).cpu(), self.run_dir / "samples" / f"step-{step:08d}.png")
-        log_grid(self.accelerator.trackers, path, step)
+        log_image(self.accelerator.trackers, path, step)
         return path
 
     @contextlib.contextmanager
@@ -426,7 +426,9 @@ class Trainer:
         metrics = {k: float(v) for k, v in self.evaluator(samples).items() if isinstance(v, (int, float))}
         append_metrics(self.run_dir, step, {"phase": "eval", **metrics, "train_seconds": seconds})
         acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        save_quality_curve(self.run_dir, self.evaluator, self.reference)
+        curve = save_quality_curve(self.run_dir, self.evaluator, self.reference)
+        if curve is not None:
+            log_image(acc.trackers, curve, step, "quality")
         tqdm.write(summary(step, metrics, self.evaluator.metric, self.best, self.reference))
         return metrics
 
