@@ -178,7 +178,8 @@ METHOD_DEFAULTS = {
     "kd": {"name": "kd", "pairs": 2048, "ode_steps": 50},
     # SiD at alpha = 1 (SiD-LSG's SD value; the paper's 1.2 rewards score disagreement along x_t and
     # diverged here), t ~ U{20..980}, no per-sample 1/w (noisy in 2-D), 5 fake-score steps per generator step
-    "sid": {"name": "sid", "alpha": 1.0, "t_sampler": "uniform", "normalize": False, "ratio": 5, "critic_loss": "x0"},
+    "sid": {"name": "sid", "alpha": 1.0, "t_sampler": "uniform", "dm_t_range": [0.02, 0.98], "critic_t_range": [0.02, 0.98], "normalize": False,
+            "ratio": 5, "critic_loss": "x0"},
     "sim": {"name": "sim", "huber_c": 1.0, "ratio": 5, "critic_loss": "x0"},
     "fdistill": {"name": "fdistill", "divergence": "js", "guidance": 1.0, "normalize": False, "ratio": 5, "critic_loss": "x0"},
     "diff_instruct": {"name": "diff_instruct", "ratio": 5, "critic_loss": "x0"},

@@ -140,17 +140,26 @@ def test_lcm_sampling_timesteps_match_lcm_scheduler():
     assert lcm_timesteps(grid, 8) == [999, 879, 759, 639, 499, 379, 259, 139]
 
 
-def test_unet_student_gets_a_zero_initialized_guidance_input(tiny_unet_dir):
+def test_unet_student_gets_the_guidance_input_initialized_as_diffusers_or_at_zero(tiny_unet_dir):
     from diffdistill.backbones.loading import load_teacher
 
     teacher = load_teacher(tiny_unet_dir)
-    method = ConsistencyDistillation(CDOptions(guidance_embedding_dim=64), teacher)
-    backbone = method.nets["generator"].backbone
-    assert backbone.config.time_cond_proj_dim == 64 and backbone.time_embedding.cond_proj.weight.abs().max() == 0
+    teacher_state = teacher.backbone.state_dict()
+    # default, as diffusers' train_lcm_distill_sd_wds.py: from_config + load_state_dict(strict=False) leaves
+    # cond_proj with nn.Linear's own init, U(-1/sqrt(64), 1/sqrt(64)); every other weight is the teacher's
+    backbone = ConsistencyDistillation(CDOptions(guidance_embedding_dim=64), teacher).nets["generator"].backbone
+    weight = backbone.time_embedding.cond_proj.weight
+    assert backbone.config.time_cond_proj_dim == 64 and 0 < weight.abs().max() <= 64**-0.5
+    assert all(torch.equal(v, teacher_state[k].to(v.dtype)) for k, v in backbone.state_dict().items() if "cond_proj" not in k)
+    # zero: the student starts as the teacher
+    method = ConsistencyDistillation(CDOptions(guidance_embedding_dim=64, guidance_embedding_init="zero"), teacher)
+    assert method.nets["generator"].backbone.time_embedding.cond_proj.weight.abs().max() == 0
     x, t = torch.randn(2, *teacher.latent_shape), torch.full((2,), 500.0)
     cond = {"encoder_hidden_states": torch.randn(2, 32, 32)}
     f = method._f(method.nets["generator"], x, t, cond, torch.tensor([3.0, 12.0]))
     torch.testing.assert_close(f, consistency_output(teacher.denoiser(), x, t, cond), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="guidance_embedding_init='ones'"):
+        ConsistencyDistillation(CDOptions(guidance_embedding_dim=64, guidance_embedding_init="ones"), teacher)
 
 
 def toy_trainer(out, max_steps, spec):

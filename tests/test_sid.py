@@ -88,6 +88,15 @@ def test_sid_sigma_schedule_spans_the_papers_range():
     assert ratio.min() < 0.05 and ratio.max() > 14.0
 
 
+def test_sid_uniform_times_end_at_979_as_sid_lsg_draws_them():
+    """SiD-LSG draws torch.randint(tmin=20, tmax=980), whose high end is excluded: t in {20..979}, for both losses."""
+    teacher = toy_teacher(ring8(), generator_width=8, generator_depth=1, critic_width=8, critic_depth=1)
+    method = build_method({"name": "sid", "t_sampler": "uniform"}, teacher, TrainConfig(teacher="exact:ring8", out="unused"))
+    for times in (method.loss_times, method.critic_times):
+        t = times(teacher.schedule, 20000, BatchRandom(0))
+        assert t.min() == 20 and t.max() == 979 and torch.equal(t, t.floor())
+
+
 def _batch(n=8, seed=0, x0=None):
     batch = {"prompts": [""] * n, "cond": {}, "uncond": {}, "rng": BatchRandom(seed), "step": 0}
     if x0 is not None:

@@ -19,8 +19,10 @@ each optimizer step to move it, and checkpoints it with the run (``ema_targets``
 
 Guidance: LCM samples omega ~ U[5, 15] in its ``c + omega (c - u)`` form, which is our
 ``u + w (c - u)`` with w = omega + 1, so our default range is [6, 16]. The student sees omega = w - 1
-through LCM's sinusoidal embedding, an input a UNet student gets at zero so that it starts as the
-teacher (:mod:`diffdistill.methods.lcm_student`). Backbones without such an input take one fixed w.
+through LCM's sinusoidal embedding, an input a UNet student gets with PyTorch's default Linear
+initialization as diffusers' script does, or at zero so that it starts as the teacher
+(``guidance_embedding_init``, :mod:`diffdistill.methods.lcm_student`). Backbones without such an input
+take one fixed w.
 The teacher's ODE step Phi: :mod:`diffdistill.methods.teacher_ode`.
 
 Sampling (LCMScheduler): ``steps`` timesteps evenly taken from the reversed grid (4 steps: 999, 759,
@@ -84,6 +86,7 @@ def lcm_timesteps(grid: torch.Tensor, steps: int) -> list[float]:
 class CDOptions:
     guidance: list[float] = field(default_factory=lambda: [6.0, 16.0])  # teacher w ~ U[lo, hi] in u + w (c - u) (LCM's omega in [5, 15])
     guidance_embedding_dim: int = 256      # LCM's time_cond_proj_dim; 0: no w input (then guidance must be one value)
+    guidance_embedding_init: str = "default"  # default: PyTorch's Linear init, as diffusers' LCM script leaves it | zero: start as the teacher
     ode_grid: int = 50                     # N teacher grid points; skip k = T/N (LCM: 50, k = 20)
     solver: str = "ddim"                   # teacher ODE step: ddim | euler | heun
     distance: str = "huber"                # huber (LCM, c = 0.001) | l2
@@ -113,7 +116,7 @@ class ConsistencyDistillation:
         self.grid, self.skip = skip_grid(self.schedule, options.ode_grid)
         self.timesteps = check_timesteps(self.schedule, options.timesteps) if options.timesteps else None
         self.default_sample_steps = len(self.timesteps) if self.timesteps else options.sample_steps
-        self.nets = {"generator": guidance_student(teacher, options.guidance_embedding_dim)}
+        self.nets = {"generator": guidance_student(teacher, options.guidance_embedding_dim, options.guidance_embedding_init)}
         self.ema_targets = {}
         if options.target_ema > 0:
             self.nets["target"] = copy.deepcopy(self.nets["generator"]).requires_grad_(False)

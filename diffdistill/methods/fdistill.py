@@ -89,9 +89,9 @@ class FDistillOptions:
     guidance_range: list[float] | None = None        # random: per-sample teacher w ~ U[lo, hi]
     fake_guidance_range: list[float] | None = None   # random: per-sample fake w ~ U[lo, hi]
     timesteps: list[float] | None = None   # generator timesteps; None: one step from the schedule's end
-    ratio: int = 5                         # critic (and discriminator) updates per generator update; not verified
+    ratio: int = 5                         # critic (and discriminator) updates per generator update (FastGen SD15: 9, student_update_freq 10)
     dm_t_range: list[float] = field(default_factory=lambda: [0.001, 0.999])   # DM term t (FastGen: U[0.001, 0.999])
-    critic_t_range: list[float] = field(default_factory=lambda: [0.0, 0.999])  # critic and GAN noising t
+    critic_t_range: list[float] = field(default_factory=lambda: [0.0, 0.999])  # critic and GAN noising t (FastGen: [0.001, 0.999])
     gan_weight: float = 1e-3               # lambda_G on softplus(-l) for the generator; 0: no GAN term
     gan_critic_weight: float = 1e-2        # weight of the discriminator loss added to the critic's
     gan_features: str = "critic"           # critic (DMD2) | teacher (FastGen)

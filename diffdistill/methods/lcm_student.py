@@ -7,9 +7,11 @@ with t the model timestep, sigma_d = 0.5 and lam = 10 (LCM's "timestep scaling")
 
 The student sees omega = w - 1 through LCM's sinusoidal embedding (``time_cond_proj_dim`` = 256),
 exactly what ``LatentConsistencyModelPipeline`` embeds for ``guidance_scale = w``. A UNet student is
-built from the teacher's config with that key set, so diffusers creates ``time_embedding.cond_proj``,
-which starts at zero: at step 0 the student is the teacher. Backbones without such an input take one
-fixed w.
+built from the teacher's config with that key set, so diffusers creates ``time_embedding.cond_proj``
+(Linear(256 -> C, no bias)), which keeps PyTorch's default Linear initialization as diffusers'
+``train_lcm_distill_sd_wds.py`` leaves it (``from_config`` then ``load_state_dict(strict=False)``), or
+starts at zero (``init="zero"``: at step 0 the student is then the teacher). Backbones without such an
+input take one fixed w.
 """
 
 from __future__ import annotations
@@ -67,13 +69,20 @@ class ConsistencyFunction(nn.Module):
                                   self.sigma_data, self.timestep_scaling)
 
 
-def guidance_student(teacher, embedding_dim: int):
+GUIDANCE_EMBEDDING_INITS = ("default", "zero")
+
+
+def guidance_student(teacher, embedding_dim: int, init: str = "default"):
     """The student: a copy of the teacher, with LCM's guidance input ``time_cond_proj_dim`` where asked.
 
     diffusers' UNet creates ``time_embedding.cond_proj`` (Linear(dim -> C, no bias)) when its config
-    sets ``time_cond_proj_dim``; we build the student from the teacher's config with that key, load the
-    teacher's weights (only cond_proj missing) and zero cond_proj, so the student starts as the teacher.
+    sets ``time_cond_proj_dim``; we build the student from the teacher's config with that key and load
+    the teacher's weights (only cond_proj missing). ``init``: "default" leaves cond_proj as PyTorch
+    initializes a Linear (U(+-1/sqrt(dim)), drawn from the run's seeded generator), as diffusers' LCM
+    script does; "zero" zeroes it, so the student starts exactly as the teacher.
     """
+    if init not in GUIDANCE_EMBEDDING_INITS:
+        raise ValueError(f"method.guidance_embedding_init={init!r}: choose one of {', '.join(GUIDANCE_EMBEDDING_INITS)}")
     if embedding_dim <= 0:
         return student_denoiser(teacher)
     backbone = teacher.backbone
@@ -87,5 +96,6 @@ def guidance_student(teacher, embedding_dim: int):
     missing, unexpected = student.load_state_dict(backbone.state_dict(), strict=False)
     if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
         raise ValueError(f"could not copy the teacher into an LCM student: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    if init == "zero":
+        nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return teacher.denoiser(student.float().requires_grad_(True).train())

@@ -6,9 +6,13 @@
 weighted by ``dmd_weight``. rCM's own loss is 100 sum(F - F- - g)^2 + 1.0 sum(G - sg(G - g_DMD))^2;
 in our reductions (mean over elements, 0.5 mean for the DMD surrogate) that ratio is dmd_weight 0.02.
 Where we differ from rCM's code (``rcm/models/t2v_model_distill_rcm.py``): its warmup scales the first
-term of g by sqrt(1 - r^2 sin^2 s) instead of the second by r (equal at r = 1); its DMD samples come
-from random p_D times rather than the student's fixed ``timesteps``; its guidance is c + w (c - u), so
-its w = 5 is our 6.
+term of g by sqrt(1 - r^2 sin^2 s) and only the x_t part of the second by r (ours: the whole second
+term by r; equal at r = 1); its DMD term, fake score and backward simulation draw TrigFlow times from
+p_D, a shifted uniform (u ~ U[0, 1), s = 5u / (1 + 4u), sigma/alpha = s / (1 - s) = 5u / (1 - u)),
+where we use uniform ``dm_t_range`` / ``critic_t_range`` and the student's fixed ``timesteps``; its
+backward simulation takes K = (student update mod 4) + 1 steps in turn, ours K ~ U{1..4}; its fake
+score trains on sum (G - D_f)^2 / sin^2 s. Its guidance is u + w (c - u), our convention, since the
+"fix cfg" commits of 2026-02-20 (before: c + w (c - u)), so its w = 5 is our 5.
 
 The sCM term (g, F-, the tangent warmup): :mod:`diffdistill.methods.scm`; the DMD term and the fake
 score: :mod:`diffdistill.methods.dmd`.

@@ -77,8 +77,8 @@ def scm_loss(F, F_minus, g, logvar: torch.Tensor | None = None) -> torch.Tensor:
 
 @dataclass
 class SCMOptions:
-    guidance: float = 1.0                  # teacher CFG w in u + w (c - u) for dx^/ds (rCM: c + 5 (c - u), our w = 6)
-    sigma_data: float = 0.5                # TrigFlow's sigma_d (sCM: 0.5; rCM, RF video latents: 1.0)
+    guidance: float = 1.0                  # teacher CFG w in u + w (c - u) for dx^/ds (rCM: 5 in the same form)
+    sigma_data: float = 0.5                # TrigFlow's sigma_d, the data's std (sCM: 0.5 on EDM2's std-0.5 latents; rCM and SD latents: 1.0)
     p_mean: float = -1.0                   # training sigma = sigma_d tan s ~ lognormal(p_mean, p_std) (sCM, Appendix G)
     p_std: float = 1.4
     sigma_min: float = 0.002               # the lognormal's truncation, intersected with the schedule's range

@@ -116,8 +116,9 @@ class SiDOptions:
     scale_input: bool = True               # feed sigma_{t_0} z (SiD-LSG's x_init), not z
     t_sampler: str = "sid"                 # sid (SiD's sigma schedule) | uniform (over dm_t_range)
     sid_t_max: float = 0.8                 # SiD's tmax / 1000, for t_sampler=sid
-    dm_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])      # t_sampler=uniform, 1000ths of the schedule
-    critic_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # fake-score t (SiD-LSG: U{20..979})
+    # SiD-LSG's torch.randint(20, 980) excludes its high end: U{20..979}, i.e. 0.979 here (our upper end is inclusive)
+    dm_t_range: list[float] = field(default_factory=lambda: [0.02, 0.979])     # t_sampler=uniform, 1000ths of the schedule
+    critic_t_range: list[float] = field(default_factory=lambda: [0.02, 0.979])  # fake-score t (SiD-LSG: U{20..979})
     critic_loss: str = "native"            # native (eps-MSE, SiD-LSG) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as the fake score
     student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
