@@ -173,7 +173,21 @@ class LogitNormalTimesteps:
         return u * schedule.t_max
 
 
-TIMESTEP_SAMPLERS = {"uniform": UniformTimesteps, "lognormal": LogNormalTimesteps, "logit_normal": LogitNormalTimesteps}
+@dataclass
+class ShiftedUniformTimesteps:
+    """rCM's ``UniformShift``: u ~ U[0, 1), r = shift u / (1 + (shift - 1) u), TrigFlow time
+    atan(r / (1 - r)), i.e. sigma/alpha = shift u / (1 - u) (median ``shift``), mapped to t and
+    clamped at the schedule's end (NVlabs/rcm ``timestep_utils.py``; shift 5 for its DMD term)."""
+
+    shift: float = 5.0
+
+    def __call__(self, schedule: Schedule, n: int, rng) -> torch.Tensor:
+        u = rng.rand((n,)).double()
+        return schedule.t_from_snr_ratio(self.shift * u / (1 - u)).clamp(max=schedule.t_max).to(torch.float32)
+
+
+TIMESTEP_SAMPLERS = {"uniform": UniformTimesteps, "lognormal": LogNormalTimesteps, "logit_normal": LogitNormalTimesteps,
+                     "shifted_uniform": ShiftedUniformTimesteps}
 
 
 def make_timestep_sampler(name: str, **params):
@@ -189,5 +203,5 @@ def sigma_alpha_ratio(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "VPSchedule", "FlowSchedule", "schedule_from_scheduler_config", "add_noise", "UniformTimesteps",
-    "LogNormalTimesteps", "LogitNormalTimesteps", "make_timestep_sampler", "sigma_alpha_ratio",
+    "LogNormalTimesteps", "LogitNormalTimesteps", "ShiftedUniformTimesteps", "make_timestep_sampler", "sigma_alpha_ratio",
 ]

@@ -2,8 +2,18 @@ import pytest
 import torch
 
 from diffdistill.randomness import BatchRandom
-from diffdistill.schedules import (FlowSchedule, LogitNormalTimesteps, LogNormalTimesteps, UniformTimesteps, VPSchedule, add_noise,
-                                   make_timestep_sampler, schedule_from_scheduler_config, sigma_alpha_ratio)
+from diffdistill.schedules import (
+    FlowSchedule,
+    LogitNormalTimesteps,
+    LogNormalTimesteps,
+    ShiftedUniformTimesteps,
+    UniformTimesteps,
+    VPSchedule,
+    add_noise,
+    make_timestep_sampler,
+    schedule_from_scheduler_config,
+    sigma_alpha_ratio,
+)
 
 SD15 = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
@@ -94,3 +104,15 @@ def test_batch_random_is_independent_of_process_split():
     whole = BatchRandom(7, 0, 1).randn((6, 3))
     parts = [BatchRandom(7, r, 2).randn((3, 3)) for r in range(2)]
     torch.testing.assert_close(torch.cat(parts), whole)
+
+
+def test_rcm_shifted_uniform_times_have_median_ratio_shift_and_clamp_their_tail_at_the_end():
+    """sigma/alpha = 5u / (1 - u): median 5, and P(ratio > r_max) = 5 / (5 + r_max) of draws clamp at t = 999."""
+    schedule = VPSchedule.from_scheduler_config(SD15)
+    g = torch.Generator().manual_seed(0)
+    rng = type("R", (), {"rand": lambda self, shape: torch.rand(shape, generator=g)})()
+    t = ShiftedUniformTimesteps(5.0)(schedule, 40000, rng)
+    r_max = float(sigma_alpha_ratio(schedule, torch.tensor([999.0])))
+    assert abs(float((t >= 999).double().mean()) - 5 / (5 + r_max)) < 0.01
+    assert abs(float(sigma_alpha_ratio(schedule, t.double().median()[None])) - 5.0) < 0.15
+    assert t.min() >= 0 and t.max() <= 999

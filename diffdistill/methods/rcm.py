@@ -8,8 +8,9 @@ in our reductions (mean over elements, 0.5 mean for the DMD surrogate) that rati
 Where we differ from rCM's code (``rcm/models/t2v_model_distill_rcm.py``): its warmup scales the first
 term of g by sqrt(1 - r^2 sin^2 s) and only the x_t part of the second by r (ours: the whole second
 term by r; equal at r = 1); its DMD term, fake score and backward simulation draw TrigFlow times from
-p_D, a shifted uniform (u ~ U[0, 1), s = 5u / (1 + 4u), sigma/alpha = s / (1 - s) = 5u / (1 - u)),
-where we use uniform ``dm_t_range`` / ``critic_t_range`` and the student's fixed ``timesteps``; its
+p_D, a shifted uniform (u ~ U[0, 1), s = 5u / (1 + 4u), sigma/alpha = s / (1 - s) = 5u / (1 - u)):
+ours with ``dm_time_shift: 5`` for the DMD term and fake score (else uniform ``dm_t_range`` /
+``critic_t_range``), while backward simulation keeps the student's fixed ``timesteps``; its
 backward simulation takes K = (student update mod 4) + 1 steps in turn, ours K ~ U{1..4}; its fake
 score trains on sum (G - D_f)^2 / sin^2 s. Its guidance is u + w (c - u), our convention, since the
 "fix cfg" commits of 2026-02-20 (before: c + w (c - u)), so its w = 5 is our 5.
@@ -28,6 +29,7 @@ from diffdistill.generator import backward_simulation
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import default_range, distribution_matching_grad, surrogate_loss
 from diffdistill.methods.scm import SCM, SCMOptions, scd_terms
+from diffdistill.schedules import ShiftedUniformTimesteps
 from diffdistill.scores import fake_score_loss, make_critic
 
 
@@ -39,6 +41,8 @@ class RCMOptions(SCMOptions):
     ratio: int = 4                         # critic updates per generator update after the warmup (rCM: student every 5th)
     dm_t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])      # DMD term t, 1000ths of the schedule
     critic_t_range: list[float] = field(default_factory=lambda: [0.0, 0.999])  # fake score t
+    dm_time_shift: float = 0.0             # >0: rCM's shifted times (sigma/alpha = s u / (1 - u)) for the DMD term and fake score
+                                           # instead of the two uniform ranges (rCM: 5); 0: the ranges
     critic_loss: str = "native"            # native | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as fake score
     normalize: str = "sample"              # DMD gradient normalization: sample (rCM: mean|G - D_real|) | batch | none
@@ -60,8 +64,11 @@ class RCM:
         self.nets = self.scm.nets
         self.nets["critic"] = make_critic(teacher, options.critic_lora_rank)
         self.engine = self.scm.engine
-        self.dm_times = default_range(self.schedule, *options.dm_t_range)
-        self.critic_times = default_range(self.schedule, *options.critic_t_range)
+        if options.dm_time_shift > 0:
+            self.dm_times = self.critic_times = ShiftedUniformTimesteps(options.dm_time_shift)
+        else:
+            self.dm_times = default_range(self.schedule, *options.dm_t_range)
+            self.critic_times = default_range(self.schedule, *options.critic_t_range)
 
     def phase(self, step: int) -> str:
         """sCM alone for ``dmd_warmup`` steps, then ``ratio`` critic updates and one generator update."""
