@@ -32,13 +32,14 @@ from diffdistill.engine.checkpoint import (
     save_checkpoint,
 )
 from diffdistill.engine.config_changes import check_resume, record_changes
-from diffdistill.engine.logging import append_metrics, drop_metrics_after, flat_config, log_image, save_grid, tracker_for
+from diffdistill.engine.logging import append_metrics, drop_metrics_after, flat_config, log_image, tracker_for
 from diffdistill.engine.offload import HostOffloadedOptimizer
 from diffdistill.engine.quality import Evaluator, improves, save_quality_curve, summary, teacher_reference
 from diffdistill.engine.run_folder import RunFolderLock, main_decides, move_old_run_aside
 from diffdistill.engine.sharding import full_tensor, is_sharded, reshard, set_gradient_sync, shard
 from diffdistill.engine.signals import StopRequest, stop_on_signals
 from diffdistill.methods.base import Method
+from diffdistill.plots import labelled_grid
 from diffdistill.randomness import derive_seed, step_random
 from diffdistill.sampling import decode_latents
 
@@ -376,7 +377,9 @@ class Trainer:
         x0 = self.method.sample(noise, cond, uncond, steps, cfg.sample_guidance, gen)
         if not self.accelerator.is_main_process:  # under FSDP every process joins the sampling; one writes
             return None
-        path = save_grid(decode_latents(self.teacher.pipe, x0).cpu(), self.run_dir / "samples" / f"step-{step:08d}.png")
+        headings = [p if len(p) <= 28 else p[:27] + "…" for p in prompts]  # the prompt above each sample
+        path = labelled_grid({f"step {step}": decode_latents(self.teacher.pipe, x0).cpu()}, headings,
+                             self.run_dir / "samples" / f"step-{step:08d}.png")
         log_image(self.accelerator.trackers, path, step)
         return path
 
