@@ -49,3 +49,23 @@ def test_gradient_accumulation_is_one_step_at_the_same_global_batch(tmp_path):
     # Adam's first step is lr * g / (|g| + eps): a near-zero gradient's summation order can move its weight
     # by up to lr, so bound the mean tightly and the max loosely (other noise per micro-batch: max 2 lr, mean ~lr)
     assert moved.mean() > 1e-4 and differ.mean() < 1e-3 * moved.mean() and differ.max() < 0.1 * 1e-3, (moved.mean(), differ.mean(), differ.max())
+
+
+def test_a_manifest_takes_entries_hashed_by_the_process_that_wrote_the_shards(tmp_path):
+    """Sharded checkpoints: each process hashes its share of the shard files; the main process writes
+    those entries as given (here one is wrong on purpose: verify then names that file) and hashes the rest."""
+    from diffdistill.engine.manifest import file_entries, verify, write_manifest
+    from diffdistill.engine.sharded_checkpoint import hash_shards_together
+
+    (tmp_path / "net-generator").mkdir()
+    for i in range(3):
+        (tmp_path / "net-generator" / f"shard-{i}.safetensors").write_bytes(bytes([i]) * (100 + i))
+    (tmp_path / "state.json").write_text("{}")
+    shards = hash_shards_together(tmp_path)
+    assert sorted(shards) == [f"net-generator/shard-{i}.safetensors" for i in range(3)]  # not state.json: the main process's own
+    assert shards == file_entries(tmp_path, sorted((tmp_path / "net-generator").iterdir()))
+    write_manifest(tmp_path, shards)
+    assert verify(tmp_path) is None
+    wrong = {**shards, "net-generator/shard-1.safetensors": {**shards["net-generator/shard-1.safetensors"], "sha256": "0" * 64}}
+    write_manifest(tmp_path, wrong)
+    assert verify(tmp_path) == "net-generator/shard-1.safetensors does not match its sha256"

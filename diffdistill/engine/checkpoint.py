@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from diffdistill.engine.manifest import MANIFEST, fsync_dir, verify, write_manifest
 from diffdistill.engine.sharded_checkpoint import (
     barrier,
+    hash_shards_together,
     is_main_process,
     optimizer_params,
     optimizer_targets,
@@ -117,10 +118,12 @@ def save_checkpoint(run_dir: Path, step: int, nets: dict, emas: dict, optimizers
         tensors, meta = rng_state()
         _save_tensors(tmp / "rng.safetensors", tensors)
         _write_json(tmp / "state.json", {**state, "step": step, "rng": meta})
+    hashed = None
     if sharded:
         barrier()  # every process's shards are on disk before the manifest lists them
+        hashed = hash_shards_together(tmp)
     if main:
-        write_manifest(tmp)  # last: its presence is what makes the checkpoint complete
+        write_manifest(tmp, hashed)  # last: its presence is what makes the checkpoint complete
         _publish(root, tmp, name, keep, best)
     if sharded:
         barrier()  # no process goes on (or resumes) before ``latest`` names the new checkpoint

@@ -41,9 +41,16 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: Path) -> None:
-    """Fsyncs every file under ``folder`` and records it; the manifest itself goes last."""
-    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _digest_and_sync(p)} for p in _files(folder)}
+def file_entries(folder: Path, files: list[Path]) -> dict:
+    """``{relative name: {size, sha256}}`` of ``files`` under ``folder``, each fsynced on the way."""
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _digest_and_sync(p)} for p in files}
+
+
+def write_manifest(folder: Path, hashed: dict | None = None) -> None:
+    """Fsyncs every file under ``folder`` and records it; the manifest itself goes last. ``hashed``:
+    entries already computed (and their files fsynced) elsewhere, e.g. by the process that wrote them."""
+    hashed = hashed or {}
+    entries = {**hashed, **file_entries(folder, [p for p in _files(folder) if str(p.relative_to(folder)) not in hashed])}
     path = folder / MANIFEST
     with open(path, "w") as f:
         json.dump({"files": entries}, f, indent=1, sort_keys=True)
@@ -82,4 +89,4 @@ def _check_legacy(folder: Path) -> str | None:
     return None
 
 
-__all__ = ["MANIFEST", "fsync_dir", "verify", "write_manifest"]
+__all__ = ["MANIFEST", "file_entries", "fsync_dir", "verify", "write_manifest"]

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
+from diffdistill.engine.manifest import file_entries
+
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -40,6 +42,20 @@ def _single_process_is_intended():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
+
+
+def hash_shards_together(folder: Path) -> dict:
+    """Every process hashes its share (by sorted position) of the shard files in ``folder``'s
+    subfolders; all get the merged manifest entries. A collective: a multi-GB sharded checkpoint is
+    read once, spread over the processes, instead of entirely by the main one."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.parent != folder)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = file_entries(folder, files[rank::world])
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {name: entry for part in parts for name, entry in part.items()}
 
 
 def write_shards(folder: Path, tensors: dict) -> None:
