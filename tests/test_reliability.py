@@ -8,10 +8,13 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -224,3 +227,29 @@ def test_sigkill_at_random_moments_of_checkpoint_writes_resumes_to_the_same_weig
         a, b = (load_file(str(r / "checkpoints" / "step-00000012" / f"{name}.safetensors")) for r in (straight, run))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert metric_steps(run) == list(range(1, 13))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_its_checkpoint(tmp_path):
+    """Only rank 1 is signalled: the stop is one all-reduce, so rank 0 stops after the same step, the
+    checkpoint of that step is written whole, and a relaunch resumes from it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29561", "-m", "diffdistill.cli", "train",
+              str(RECIPE), f"out={tmp_path}", *FAST, "checkpoint_every=1000"]
+    launcher = subprocess.Popen([*launch, "max_steps=1000"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while _rows(tmp_path) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.2)
+    workers = sorted(psutil.Process(launcher.pid).children(recursive=True), key=lambda p: p.pid)
+    rank1 = [w for w in workers if "LOCAL_RANK" in w.environ() and w.environ()["LOCAL_RANK"] == "1"]
+    assert len(rank1) == 1, [w.cmdline() for w in workers]
+    rank1[0].send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=300)
+    stopped = [line for line in err.splitlines() if "SIGTERM: stopped after step" in line]
+    assert stopped, err[-3000:]
+    step = int(stopped[0].split("after step ")[1].split()[0])
+    assert step >= 2 and step_dirs(tmp_path) == [f"step-{step:08d}"] and verify(tmp_path / "checkpoints" / f"step-{step:08d}") is None
+    assert metric_steps(tmp_path)[-1] == step  # rank 0 logged that step and stopped there too
+    resumed = subprocess.run([*launch, f"max_steps={step + 1}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0 and f"resuming from step {step}" in resumed.stdout, resumed.stderr[-3000:]
+    assert metric_steps(tmp_path) == list(range(1, step + 2))
