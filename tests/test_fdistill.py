@@ -4,15 +4,14 @@ For D_f(p_t || q_t) = E_{q_t} f(p_t / q_t), grad_theta D_f = E[h(r) (alpha^2 / s
 with h = f'' r^2; each f's closed form is integrated on a fine grid with autograd through q_t.
 """
 
+import gaussian_1d as g
 import pytest
 import torch
 
-import gaussian_1d as g
 from diffdistill.config import ConfigError, TrainConfig
-from diffdistill.randomness import BatchRandom
 from diffdistill.methods import build_method
-from diffdistill.methods.fdistill import (F_DIVERGENCES, density_ratio_from_logits, dm_surrogate, normalize_ratio_by_t,
-                                          weighted_dm_grad)
+from diffdistill.methods.fdistill import F_DIVERGENCES, density_ratio_from_logits, dm_surrogate, normalize_ratio_by_t, weighted_dm_grad
+from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import add_noise
 from diffdistill.toy import METHOD_DEFAULTS, energy_distance, mode_report, ring8, sample_method, toy_teacher, train_on_toy
 
@@ -56,13 +55,28 @@ def weighted_per_sample(name, a, b):
     return loss
 
 
-@pytest.mark.parametrize("name", sorted(F_DIVERGENCES))
-@pytest.mark.parametrize("a, b, t", [(0.6, 1.0, 300), (0.9, 0.8, 500)])
+# Two (a, b, t) per f, one with q wider than p (a > TAU) and one narrower, where both components of the
+# gradient are large: the Monte-Carlo standard error of each is at most 1.1% of it at n = 2e5, so a 5%
+# tolerance per component is 4.5 standard errors and a component of the wrong sign or size fails.
+# Neyman's E_q (q/p) is infinite once q is much wider than p, so both its points keep a near TAU.
+GRADIENT_POINTS = {
+    "jf": [(1.4, 2.3, 200), (0.6, 2.3, 300)],
+    "js": [(1.4, 2.3, 200), (0.6, 2.6, 200)],
+    "kl": [(1.4, 2.3, 200), (0.6, 2.3, 300)],
+    "neyman": [(1.0, 0.9, 500), (0.6, 0.5, 200)],
+    "rkl": [(1.4, 2.3, 200), (0.4, 0.9, 200)],
+    "sf": [(1.4, 2.3, 200), (0.4, 0.9, 200)],
+    "sh": [(1.4, 2.3, 200), (0.6, 2.6, 200)],
+}
+
+
+@pytest.mark.parametrize("name, a, b, t", [(name, *point) for name, points in sorted(GRADIENT_POINTS.items()) for point in points])
 def test_weighted_gradient_is_the_f_divergence_gradient(name, a, b, t):
     alpha, sigma = g.coefficients(t)
     mc = g.mc_gradient(a, b, t, weighted_per_sample(name, a, b), n=200_000) * alpha**2 / sigma**2
     expected = CONSTANT[name] * g.grad_of(lambda a_, b_: f_divergence(name, a_, b_, alpha, sigma), a, b)
-    torch.testing.assert_close(mc, expected, rtol=0.05, atol=0.02 * expected.abs().max().item())
+    assert (expected.abs() > 0.09).all(), expected  # each component is large, so a relative tolerance means something
+    torch.testing.assert_close(mc, expected, rtol=0.05, atol=0.0)
 
 
 def test_forward_kl_weight_matches_the_kl_gradient_in_closed_form():
@@ -79,9 +93,8 @@ def test_forward_kl_weight_matches_the_kl_gradient_in_closed_form():
     torch.testing.assert_close(mc, expected, rtol=0.03, atol=0.01 * expected.abs().max().item())
 
 
-def test_weights_vanish_at_the_target():
-    grad = g.mc_gradient(g.TAU, g.MU, 300, weighted_per_sample("js", g.TAU, g.MU), n=20_000)
-    assert grad.abs().max() < 1e-6
+def test_weighted_gradient_vanishes_only_at_the_target():
+    g.assert_vanishes_only_at_the_target(*g.gradient_at_and_near_the_target(lambda a, b: weighted_per_sample("js", a, b), 300))
 
 
 def test_ratio_from_logits_is_clipped_and_normalized_per_t_bin():
