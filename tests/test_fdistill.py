@@ -4,7 +4,10 @@ For D_f(p_t || q_t) = E_{q_t} f(p_t / q_t), grad_theta D_f = E[h(r) (alpha^2 / s
 with h = f'' r^2; each f's closed form is integrated on a fine grid with autograd through q_t.
 """
 
+import math
+
 import gaussian_1d as g
+import known_densities as known
 import pytest
 import torch
 
@@ -132,6 +135,28 @@ def test_fdistill_method_trains_its_discriminator_and_takes_a_ratio_hook():
     assert all(p.grad is not None for p in method.nets["generator"].parameters())
     with pytest.raises(ConfigError, match="divergence"):
         build_method({"name": "fdistill", "divergence": "tv"}, teacher, cfg)
+
+
+def test_fdistill_weights_the_dm_term_by_the_discriminators_ratio_of_real_to_generated():
+    """No density_ratio hook: the discriminator trains on known p (real) and q (a fixed generator) with f-distill's
+    own critic loss, then the ratio the generator loss hands to h is exp of its logit, and follows p_t / q_t (not q_t / p_t)
+    at the x_t it was read at. (An inverted ratio would still train: h(q/p) is another f's weight, with the same fixed point.)"""
+    teacher = known.teacher_of_p()
+    spec = {"name": "fdistill", "divergence": "kl", "guidance": 1.0, "gan_weight": 0.0, "gan_critic_weight": 1.0, "critic_loss": "x0",
+            "critic_t_range": [0.1, 0.2], "dm_t_range": [0.15, 0.15], "ratio_normalization": False, "weight_normalization": False}
+    method = build_method(spec, teacher, TrainConfig(teacher="exact:p", out="unused"))
+    known.use_fixed_generator(method)
+    known.train_critic_phase(method)
+    assert method.density_ratio is None
+    seen, gan_logits, h = {}, method.engine.gan_logits, method.h
+    method.engine.gan_logits = lambda x_t, t, cond: seen.update(x_t=x_t.detach(), t=t) or gan_logits(x_t, t, cond)
+    method.h = lambda r: seen.update(r=r) or h(r)
+    method.generator_loss(_batch(2000, real=False))
+    with torch.no_grad():
+        torch.testing.assert_close(seen["r"], density_ratio_from_logits(gan_logits(seen["x_t"], seen["t"], {})[0]))
+    exact = known.log_ratio(seen["x_t"], seen["t"], teacher.schedule).clamp(math.log(0.1), math.log(20))  # r's own clamp
+    slope, correlation = known.slope_and_correlation(seen["r"].log(), exact)  # measured: 1.06 and 0.99; inverted: -1.06, -0.99
+    assert correlation > 0.9 and 0.7 < slope < 1.3, (slope, correlation)
 
 
 def test_diff_instruct_is_the_unnormalized_reverse_kl_case():
