@@ -61,7 +61,7 @@ def weighted_per_sample(name, a, b):
 # Two (a, b, t) per f, one with q wider than p (a > TAU) and one narrower, where both components of the
 # gradient are large: the Monte-Carlo standard error of each is at most 1.1% of it at n = 2e5, so a 5%
 # tolerance per component is 4.5 standard errors and a component of the wrong sign or size fails.
-# Neyman's E_q (q/p) is infinite once q is much wider than p, so both its points keep a near TAU.
+# Neyman's E_q (q/p) is infinite once v_q >= 2 v_p, so its wider point has a = 1.0 under more noise (t = 500).
 GRADIENT_POINTS = {
     "jf": [(1.4, 2.3, 200), (0.6, 2.3, 300)],
     "js": [(1.4, 2.3, 200), (0.6, 2.6, 200)],
