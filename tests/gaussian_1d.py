@@ -3,7 +3,9 @@
 Data p = N(MU, TAU^2); generator x = a z + b, so q = N(b, a^2). At noise level t, under
 x_t = alpha x + sigma eps, both stay Gaussian: q_t = N(alpha b, alpha^2 a^2 + sigma^2) and
 p_t = N(alpha MU, alpha^2 TAU^2 + sigma^2). The teacher and the fake score are the exact Tweedie
-denoisers of p and of the current q (the fake score as a frozen function: no parameters).
+denoisers of p and of the current q: the teacher through the project's mixture code, the fake score
+written out here from the generator's own parameters, read at each call without gradient (a frozen
+function of x_t), so that D_f = D_r at the target is something two computations agree on.
 """
 
 import torch
@@ -31,15 +33,30 @@ class Affine(nn.Module):
         return self.a * z + self.b
 
 
+class GeneratorTweedie(nn.Module):
+    """E[x0 | x_t] under the generator's current law N(b, a^2): b + alpha a^2 (x_t - alpha b) / (alpha^2 a^2 + sigma^2)."""
+
+    backbone_kind = "plain"
+
+    def __init__(self, generator: Affine):
+        super().__init__()
+        self.generator = [generator]  # a reference, not a submodule: the fake score has no parameters of its own
+
+    def forward(self, x_t, timestep, cond):
+        a, b = (p.detach() for p in (self.generator[0].a, self.generator[0].b))
+        alpha, sigma = SCHEDULE.alpha(timestep, torch.float64)[:, None], SCHEDULE.sigma(timestep, torch.float64)[:, None]
+        return b + alpha * a**2 * (x_t - alpha * b) / (alpha**2 * a**2 + sigma**2)
+
+
 def gaussian(mean: float, std: float) -> GaussianMixture:
     return GaussianMixture(torch.tensor([[mean]], dtype=torch.float64), std)
 
 
 def exact_engine(a: float, b: float):
-    """(generator Denoiser, ScoreEngine) with the exact teacher of N(MU, TAU^2) and exact fake score of N(b, a^2)."""
+    """(generator Denoiser, ScoreEngine) with the exact teacher of N(MU, TAU^2) and the exact fake score of the generator's N(b, a^2)."""
     teacher = Teacher(None, ExactDenoiserNet(gaussian(MU, TAU), SCHEDULE), "exact", "plain", SCHEDULE, "sample", "exact", data_shape=(1,))
     generator = Denoiser(Affine(a, b), SCHEDULE, "sample")
-    critic = Denoiser(ExactDenoiserNet(gaussian(b, abs(a)), SCHEDULE), SCHEDULE, "sample")
+    critic = Denoiser(GeneratorTweedie(generator.backbone), SCHEDULE, "sample")
     return generator, ScoreEngine(teacher, {"generator": generator, "critic": critic})
 
 
@@ -83,3 +100,19 @@ def grad_of(objective, a: float, b: float) -> torch.Tensor:
     a_, b_ = torch.tensor(a, dtype=torch.float64, requires_grad=True), torch.tensor(b, dtype=torch.float64, requires_grad=True)
     objective(a_, b_).backward()
     return torch.stack([a_.grad, b_.grad])
+
+
+NEAR = (0.8 * TAU, MU + 0.2)  # off the target in both spread and mean
+
+
+def gradient_at_and_near_the_target(per_sample_loss_at, t_value: float, n: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """MC gradients at the target (a, b) = (TAU, MU) and at NEAR; ``per_sample_loss_at(a, b)`` gives the loss."""
+    at = mc_gradient(TAU, MU, t_value, per_sample_loss_at(TAU, MU), n=n)
+    return at, mc_gradient(*NEAR, t_value, per_sample_loss_at(*NEAR), n=n)
+
+
+def assert_vanishes_only_at_the_target(at: torch.Tensor, near: torch.Tensor) -> None:
+    """Near the target each component is clearly nonzero (a method blind to the fake score gives 0 there);
+    at it, with the fake score computed apart from the teacher, only float32 rounding of D_r is left."""
+    assert (near.abs() > 0.02).all(), near
+    assert at.abs().max() < 1e-5 * near.abs().min(), (at, near)

@@ -4,7 +4,7 @@ Each mutation replaces one line of a copy of ``diffdistill/`` (the checkout is n
 runs the test files meant to guard it against the copy; the mutation is *caught* when they fail.
 Not collected by pytest (the name does not start with ``test_``); run it by hand:
 
-    OMP_NUM_THREADS=1 python tests/mutations.py            # the control, then every mutation: about 5 minutes here
+    OMP_NUM_THREADS=1 python tests/mutations.py            # the control, then every mutation: about 7 minutes here
     OMP_NUM_THREADS=1 python tests/mutations.py ema-noop    # one
 
 It prints one row per mutation and exits 1 if any survived.
@@ -40,6 +40,15 @@ MUTATIONS = {
                                            ["tests/test_engine_units.py"]),
     "gan-features-first-output": ("diffdistill/scores.py", "self.value = output[-1] if isinstance(output, tuple) else output",
                                   "self.value = output[0] if isinstance(output, tuple) else output", ["tests/test_scores.py"]),
+    "fdistill-ratio-inverted": ("diffdistill/methods/fdistill.py", "r = density_ratio_from_logits(logits) if self.needs_ratio",
+                                "r = density_ratio_from_logits(-logits) if self.needs_ratio",
+                                ["tests/test_fdistill.py::test_fdistill_weights_the_dm_term_by_the_discriminators_ratio_of_real_to_generated"]),
+    "discriminator-loss-sign": ("diffdistill/methods/adversarial.py", "loss = F.softplus(fake_logits) + F.softplus(-real_logits)",
+                                "loss = F.softplus(-fake_logits) + F.softplus(real_logits)", ["tests/test_adversarial.py"]),
+    "ddim-steps-with-current-alpha": ("diffdistill/sampling.py", "x = alpha_next * x0 + sigma_next * eps", "x = alpha * x0 + sigma_next * eps",
+                                      ["tests/test_sampling.py"]),
+    "eval-captions-misaligned": ("diffdistill/eval/run.py", "captions[start : start + len(images)]", "captions[: len(images)]",
+                                 ["tests/test_eval_coco.py::test_eval_end_to_end_resumes_after_an_interruption"]),
 }
 
 

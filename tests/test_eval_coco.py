@@ -1,7 +1,8 @@
 """The COCO side of the evaluation and the whole ``diffdistill eval`` path, offline:
 a COCO-format fixture written here, a tiny random Stable Diffusion, a tiny random
-CLIP and a random TorchScript Inception. The numbers mean nothing; the plumbing,
-the protocol's transforms, the caching and the resuming are what is checked."""
+CLIP and a random TorchScript Inception. The numbers mean nothing as quality; the plumbing,
+the protocol's transforms, the caching and the resuming are what is checked, and each
+reported score is recomputed from the features, images and captions the run saved."""
 
 import argparse
 import json
@@ -10,9 +11,11 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from cleanfid.fid import kernel_distance
 from PIL import Image
 
 from diffdistill.eval import coco, generation, protocol, reference_stats
+from diffdistill.eval.clip_score import load_clip_scorer
 from diffdistill.eval.fid import TORCHSCRIPT_FILE, TORCHSCRIPT_URL
 from diffdistill.eval.inception import write_random_torchscript_inception
 from diffdistill.eval.run import add_eval_arguments, protocol_label, run_eval
@@ -215,7 +218,7 @@ def test_settings_a_pipeline_does_not_take_are_refused():
 def test_clip_score_is_the_cosine_with_the_prefixed_caption(assets):
     from transformers import AutoTokenizer, CLIPModel
 
-    from diffdistill.eval.clip_score import PROMPT_PREFIX, load_clip_scorer
+    from diffdistill.eval.clip_score import PROMPT_PREFIX
 
     scorer = load_clip_scorer(assets["clip"])
     images = [np.random.default_rng(i).integers(0, 256, (256, 256, 3), dtype=np.uint8) for i in range(2)]
@@ -236,9 +239,53 @@ def test_clip_score_is_the_cosine_with_the_prefixed_caption(assets):
 # ---------------------------------------------------------------- the whole command
 
 
+FIVE_PROMPTS = ["a red cube", "a cat on a mat", "the sea at night", "two dogs", "a blue house"]
+
+
+def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
+    """FID from two small feature sets: with centred features A1, A2 (n_i x d), Sigma_i = A_i^T A_i / (n_i - 1) and
+    tr sqrt(Sigma1 Sigma2) is the nuclear norm of A1 A2^T / sqrt((n1 - 1)(n2 - 1)) (their nonzero eigenvalues are its
+    squared singular values): exact, and an n1 x n2 problem where clean-fid's sqrtm of 2048 x 2048 takes 40 s here."""
+    f1, f2 = torch.from_numpy(np.asarray(features1, np.float64)), torch.from_numpy(np.asarray(features2, np.float64))
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    n1, n2 = len(f1) - 1, len(f2) - 1
+    cross = torch.linalg.matrix_norm(a1 @ a2.T, "nuc") / (n1 * n2) ** 0.5
+    return float((f1.mean(0) - f2.mean(0)).square().sum() + a1.square().sum() / n1 + a2.square().sum() / n2 - 2 * cross)
+
+
+def clean_fid_kid(features1, features2, num_subsets: int) -> float:
+    """clean-fid's kernel_distance, whose subsets come from numpy's global generator, seeded 0 as the run's."""
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        return kernel_distance(np.asarray(features1, np.float64), np.asarray(features2, np.float64), num_subsets=num_subsets)
+    finally:
+        np.random.set_state(state)
+
+
+def assert_scores_are_those_of_the_saved_features_and_captions(results: dict, out, clip_dir) -> None:
+    """FID of generated against reference, KID with clean-fid's argument order (reference first, as its compute_kid),
+    and the CLIP score of each image with its own caption, recomputed from what the run left on disk."""
+    generated = np.load(out / "inception_features.npy")
+    reference = np.load(results["reference_statistics"][: -len(".npz")] + ".features.npy")
+    assert generated.shape == (5, 2048) and reference.shape == (3, 2048)
+    fid = fid_from_features(generated, reference)
+    assert fid > 1 and results["fid"] == pytest.approx(fid, rel=1e-6)  # generated against itself would be 0
+    kid, swapped = clean_fid_kid(reference, generated, 3), clean_fid_kid(generated, reference, 3)
+    assert abs(kid - swapped) > 1e-3 * abs(kid) and results["kid"] == pytest.approx(kid, rel=1e-9)
+    scorer = load_clip_scorer(clip_dir)
+    images = [protocol.protocol_image(Image.open(generation.image_path(out / "images", i))) for i in range(5)]
+    pairs = [[scorer.similarities([image], [caption])[0] for caption in FIVE_PROMPTS] for image in images]  # [image, caption]
+    paired = np.mean(np.diagonal(pairs))
+    shifted = np.mean([pairs[i][(i + 1) % 5] for i in range(5)])
+    assert abs(paired - shifted) > 1e-4 and results["clip_score"]["value"] == pytest.approx(paired, abs=1e-6)
+
+
 def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    argv = eval_argv(assets, out, "--benchmark", "prompts", "--prompts", str(assets["prompts"]))
+    """Five prompts in batches of two (the last batch holds one) against the three COCO reference images."""
+    out, prompts = tmp_path / "run", tmp_path / "five.txt"
+    prompts.write_text("\n".join(FIVE_PROMPTS) + "\n")
+    argv = eval_argv(assets, out, "--benchmark", "prompts", "--prompts", str(prompts))
 
     # First run: stopped after two of the three images.
     real_save = generation._save_png
@@ -266,38 +313,39 @@ def test_eval_end_to_end_resumes_after_an_interruption(assets, tmp_path, monkeyp
                         or real_extract(paths, *a, **k))
     capsys.readouterr()
     assert diffdistill_eval(argv) == 0
-    assert extracted == [3]  # the generated images only
-    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(3)]
+    assert extracted == [5]  # the generated images only
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
     assert all((out / "images" / name).read_bytes() == data for name, data in kept.items())
 
     results = json.loads((out / "results.json").read_text())
-    assert results["generation"]["found_on_disk"] == 2 and results["generation"]["generated_this_run"] == 1
-    assert results["protocol"]["num_generated"] == 3 and results["protocol"]["num_reference"] == 3
-    assert results["fid_label"] == "FID-3" and results["protocol"]["label"].startswith("FID-3, prompts file")
+    assert results["generation"]["found_on_disk"] == 2 and results["generation"]["generated_this_run"] == 3
+    assert results["protocol"]["num_generated"] == 5 and results["protocol"]["num_reference"] == 3
+    assert results["fid_label"] == "FID-5" and results["protocol"]["label"].startswith("FID-5, prompts file")
     assert np.isfinite(results["fid"]) and results["fid"] >= 0 and np.isfinite(results["kid"])
     assert -1 <= results["clip_score"]["value"] <= 1
     assert results["speed"]["nfe"] == 2 * STEPS and results["speed"]["images_per_second"] > 0
     assert results["extractor"]["kind"] == "torchscript"
     table = capsys.readouterr().out
     assert "| Protocol | FID | KID | CLIP score | images/s | NFE | s/image |" in table
-    assert "FID-3, prompts file prompts.txt" in table
-    assert (out / "captions.txt").read_text().splitlines() == coco.read_prompts_file(assets["prompts"]).captions
+    assert "FID-5, prompts file five.txt" in table
+    assert (out / "captions.txt").read_text().splitlines() == FIVE_PROMPTS
 
     # The streamed statistics are those of the features written for KID; the reference ones are cached.
     from diffdistill.eval.fid import load_statistics
 
     features = np.load(out / "inception_features.npy").astype(np.float64)
-    assert features.shape == (3, 2048)
+    assert features.shape == (5, 2048)
     mu, sigma, count, _ = load_statistics(results["generated_statistics"])
-    assert count == 3
+    assert count == 5
     np.testing.assert_allclose(mu, features.mean(axis=0), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-7, atol=1e-12)
     assert load_statistics(results["reference_statistics"])[2] == 3
+    assert_scores_are_those_of_the_saved_features_and_captions(results, out, assets["clip"])
 
     # A finished run re-scores to the same numbers without generating.
     assert diffdistill_eval(argv) == 0
     again = json.loads((out / "results.json").read_text())
-    assert again["generation"]["generated_this_run"] == 0 and again["generation"]["found_on_disk"] == 3
+    assert again["generation"]["generated_this_run"] == 0 and again["generation"]["found_on_disk"] == 5
     assert again["fid"] == pytest.approx(results["fid"], rel=1e-12) and again["kid"] == pytest.approx(results["kid"])
     assert again["clip_score"]["value"] == pytest.approx(results["clip_score"]["value"])
     assert again["speed"]["measured"] == "in an earlier run" and again["speed"]["nfe"] == 2 * STEPS

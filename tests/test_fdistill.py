@@ -4,15 +4,17 @@ For D_f(p_t || q_t) = E_{q_t} f(p_t / q_t), grad_theta D_f = E[h(r) (alpha^2 / s
 with h = f'' r^2; each f's closed form is integrated on a fine grid with autograd through q_t.
 """
 
+import math
+
+import gaussian_1d as g
+import known_densities as known
 import pytest
 import torch
 
-import gaussian_1d as g
 from diffdistill.config import ConfigError, TrainConfig
-from diffdistill.randomness import BatchRandom
 from diffdistill.methods import build_method
-from diffdistill.methods.fdistill import (F_DIVERGENCES, density_ratio_from_logits, dm_surrogate, normalize_ratio_by_t,
-                                          weighted_dm_grad)
+from diffdistill.methods.fdistill import F_DIVERGENCES, density_ratio_from_logits, dm_surrogate, normalize_ratio_by_t, weighted_dm_grad
+from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import add_noise
 from diffdistill.toy import METHOD_DEFAULTS, energy_distance, mode_report, ring8, sample_method, toy_teacher, train_on_toy
 
@@ -56,13 +58,28 @@ def weighted_per_sample(name, a, b):
     return loss
 
 
-@pytest.mark.parametrize("name", sorted(F_DIVERGENCES))
-@pytest.mark.parametrize("a, b, t", [(0.6, 1.0, 300), (0.9, 0.8, 500)])
+# Two (a, b, t) per f, one with q wider than p (a > TAU) and one narrower, where both components of the
+# gradient are large: the Monte-Carlo standard error of each is at most 1.1% of it at n = 2e5, so a 5%
+# tolerance per component is 4.5 standard errors and a component of the wrong sign or size fails.
+# Neyman's E_q (q/p) is infinite once v_q >= 2 v_p, so its wider point has a = 1.0 under more noise (t = 500).
+GRADIENT_POINTS = {
+    "jf": [(1.4, 2.3, 200), (0.6, 2.3, 300)],
+    "js": [(1.4, 2.3, 200), (0.6, 2.6, 200)],
+    "kl": [(1.4, 2.3, 200), (0.6, 2.3, 300)],
+    "neyman": [(1.0, 0.9, 500), (0.6, 0.5, 200)],
+    "rkl": [(1.4, 2.3, 200), (0.4, 0.9, 200)],
+    "sf": [(1.4, 2.3, 200), (0.4, 0.9, 200)],
+    "sh": [(1.4, 2.3, 200), (0.6, 2.6, 200)],
+}
+
+
+@pytest.mark.parametrize("name, a, b, t", [(name, *point) for name, points in sorted(GRADIENT_POINTS.items()) for point in points])
 def test_weighted_gradient_is_the_f_divergence_gradient(name, a, b, t):
     alpha, sigma = g.coefficients(t)
     mc = g.mc_gradient(a, b, t, weighted_per_sample(name, a, b), n=200_000) * alpha**2 / sigma**2
     expected = CONSTANT[name] * g.grad_of(lambda a_, b_: f_divergence(name, a_, b_, alpha, sigma), a, b)
-    torch.testing.assert_close(mc, expected, rtol=0.05, atol=0.02 * expected.abs().max().item())
+    assert (expected.abs() > 0.09).all(), expected  # each component is large, so a relative tolerance means something
+    torch.testing.assert_close(mc, expected, rtol=0.05, atol=0.0)
 
 
 def test_forward_kl_weight_matches_the_kl_gradient_in_closed_form():
@@ -79,9 +96,8 @@ def test_forward_kl_weight_matches_the_kl_gradient_in_closed_form():
     torch.testing.assert_close(mc, expected, rtol=0.03, atol=0.01 * expected.abs().max().item())
 
 
-def test_weights_vanish_at_the_target():
-    grad = g.mc_gradient(g.TAU, g.MU, 300, weighted_per_sample("js", g.TAU, g.MU), n=20_000)
-    assert grad.abs().max() < 1e-6
+def test_weighted_gradient_vanishes_only_at_the_target():
+    g.assert_vanishes_only_at_the_target(*g.gradient_at_and_near_the_target(lambda a, b: weighted_per_sample("js", a, b), 300))
 
 
 def test_ratio_from_logits_is_clipped_and_normalized_per_t_bin():
@@ -119,6 +135,28 @@ def test_fdistill_method_trains_its_discriminator_and_takes_a_ratio_hook():
     assert all(p.grad is not None for p in method.nets["generator"].parameters())
     with pytest.raises(ConfigError, match="divergence"):
         build_method({"name": "fdistill", "divergence": "tv"}, teacher, cfg)
+
+
+def test_fdistill_weights_the_dm_term_by_the_discriminators_ratio_of_real_to_generated():
+    """No density_ratio hook: the discriminator trains on known p (real) and q (a fixed generator) with f-distill's
+    own critic loss, then the ratio the generator loss hands to h is exp of its logit, and follows p_t / q_t (not q_t / p_t)
+    at the x_t it was read at. (An inverted ratio would still train: h(q/p) is another f's weight, with the same fixed point.)"""
+    teacher = known.teacher_of_p()
+    spec = {"name": "fdistill", "divergence": "kl", "guidance": 1.0, "gan_weight": 0.0, "gan_critic_weight": 1.0, "critic_loss": "x0",
+            "critic_t_range": [0.1, 0.2], "dm_t_range": [0.15, 0.15], "ratio_normalization": False, "weight_normalization": False}
+    method = build_method(spec, teacher, TrainConfig(teacher="exact:p", out="unused"))
+    known.use_fixed_generator(method)
+    known.train_critic_phase(method)
+    assert method.density_ratio is None
+    seen, gan_logits, h = {}, method.engine.gan_logits, method.h
+    method.engine.gan_logits = lambda x_t, t, cond: seen.update(x_t=x_t.detach(), t=t) or gan_logits(x_t, t, cond)
+    method.h = lambda r: seen.update(r=r) or h(r)
+    method.generator_loss(_batch(2000, real=False))
+    with torch.no_grad():
+        torch.testing.assert_close(seen["r"], density_ratio_from_logits(gan_logits(seen["x_t"], seen["t"], {})[0]))
+    exact = known.log_ratio(seen["x_t"], seen["t"], teacher.schedule).clamp(math.log(0.1), math.log(20))  # r's own clamp
+    slope, correlation = known.slope_and_correlation(seen["r"].log(), exact)  # measured: 1.06 and 0.99; inverted: -1.06, -0.99
+    assert correlation > 0.9 and 0.7 < slope < 1.3, (slope, correlation)
 
 
 def test_diff_instruct_is_the_unnormalized_reverse_kl_case():

@@ -5,15 +5,15 @@ with d the pseudo-Huber distance, D(theta) = E_{x_t ~ sg(q_t)} d(D_r - D_f)(x_t)
 integrates d over the frozen N(m_q, v_q) on a fine grid; only s_q (hence D_f) moves with theta.
 """
 
+import gaussian_1d as g
 import pytest
 import torch
 
-import gaussian_1d as g
 from diffdistill.config import ConfigError, TrainConfig
-from diffdistill.randomness import BatchRandom
 from diffdistill.methods import build_method
 from diffdistill.methods.sid import sid_loss
 from diffdistill.methods.sim import pseudo_huber_grad, sim_generator_loss, sim_loss
+from diffdistill.randomness import BatchRandom
 from diffdistill.toy import METHOD_DEFAULTS, energy_distance, mode_report, ring8, sample_method, toy_teacher, train_on_toy
 
 WIDTHS, STEPS = (128, 3, 128, 3), 300  # generator steps of the toy test
@@ -35,26 +35,27 @@ def sim_per_sample(c):
 
 
 @pytest.mark.parametrize("c", [0.1, 1.0])
-@pytest.mark.parametrize("a, b, t", [(0.5, -0.3, 300), (1.2, 0.4, 600)])
+@pytest.mark.parametrize("a, b, t", [(0.3, 1.0, 200), (1.2, 1.0, 400)])  # q narrower and wider than p; both components large
 def test_sim_gradient_is_the_gradient_of_its_divergence(c, a, b, t):
     alpha, sigma = g.coefficients(t)
     mc = g.mc_gradient(a, b, t, sim_per_sample(c))
     expected = g.grad_of(lambda a_, b_: sim_divergence(a_, b_, alpha, sigma, c), a, b)
-    # MC standard error of the a-component is ~1e-3 at n = 4e5 (d'' spikes where D_r = D_f); b's is ~1e-4
-    torch.testing.assert_close(mc, expected, rtol=0.02, atol=4e-3)
-    # and the check can tell SIM's frozen sampling law from a free one
+    assert (expected.abs() > 0.14).all(), expected  # each component is large, so a relative tolerance means something
+    # the MC standard error of each component is at most 0.4% of it at n = 4e5: 2% is five of them
+    torch.testing.assert_close(mc, expected, rtol=0.02, atol=0.0)
+    # and the check can tell SIM's frozen sampling law from a free one, on each component (15-50% apart here)
     free = g.grad_of(lambda a_, b_: sim_divergence(a_, b_, alpha, sigma, c, frozen=False), a, b)
-    assert (mc - free).abs().max() > 0.05
+    assert ((mc - free).abs() > 0.1 * free.abs()).all(), (mc, free)
 
 
-def test_sim_gradient_points_toward_the_target_and_vanishes_there():
+def test_sim_gradient_points_toward_the_target_and_vanishes_only_there():
     a, b, t = 0.5, -0.3, 300
     alpha, sigma = g.coefficients(t)
     mc = g.mc_gradient(a, b, t, sim_per_sample(0.05), n=100_000)
     # the divergence with the sampling law left free: a descent direction for it, too
     free = g.grad_of(lambda a_, b_: sim_divergence(a_, b_, alpha, sigma, 0.05, frozen=False), a, b)
     assert torch.nn.functional.cosine_similarity(mc, free, dim=0) > 0.5
-    assert g.mc_gradient(g.TAU, g.MU, t, sim_per_sample(0.05), n=20_000).abs().max() < 1e-6
+    g.assert_vanishes_only_at_the_target(*g.gradient_at_and_near_the_target(lambda a_, b_: sim_per_sample(0.05), t))
 
 
 def test_pseudo_huber_derivative_and_its_large_c_limit():
