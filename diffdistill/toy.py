@@ -8,7 +8,10 @@ approximation error, through the same Denoiser interface as a diffusers model.
 
 from __future__ import annotations
 
+import copy
 import math
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -165,6 +168,25 @@ def mode_report(samples: torch.Tensor, mixture: GaussianMixture, radius_stds: fl
     }
 
 
+def averaged_energy_distance(samples: torch.Tensor, mixture: GaussianMixture, draws: int = 5, n: int = 2000) -> tuple[float, float]:
+    """Mean and spread of :func:`energy_distance` over ``draws`` disjoint slices of ``n`` samples, each
+    against its own fresh draw of the target (seeds 1000, 1001, ...): one reference draw's luck moves
+    a single value by about as much as a good student differs from the teacher."""
+    if len(samples) < draws * n:
+        raise ValueError(f"averaged_energy_distance: {len(samples)} samples, need draws x n = {draws * n}")
+    values = torch.tensor([energy_distance(samples[i * n : (i + 1) * n], mixture.sample(n, torch.Generator().manual_seed(1000 + i)))
+                           for i in range(draws)])
+    return float(values.mean()), float(values.std(unbiased=False))
+
+
+def toy_quality(samples: torch.Tensor, mixture: GaussianMixture) -> dict:
+    """Averaged energy distance (as many 2,000-sample draws as ``samples`` holds, up to 5) and :func:`mode_report`."""
+    draws = max(1, min(5, len(samples) // 2000))
+    n = min(2000, len(samples))
+    ed, ed_std = averaged_energy_distance(samples, mixture, draws, n)
+    return {"energy_distance": ed, "energy_distance_std": ed_std, **mode_report(samples, mixture)}
+
+
 def nll(samples: torch.Tensor, mixture: GaussianMixture) -> float:
     return float(-mixture.log_prob(samples).mean())
 
@@ -195,41 +217,138 @@ METHOD_DEFAULTS = {
     "phased_dmd": {"name": "phased_dmd", "guidance": 1.0, "timesteps": [999, 749], "ratio": 3, "critic_weighting": "x0", "expert_ema": 0.98},
 }
 
+# Training settings per method beyond its options (train_on_toy's keywords), used by benchmarks/toy2d.py.
+TRAIN_DEFAULTS: dict[str, dict] = {}
+
 # sCM's students need a smooth time embedding (Lu & Song 2024, Sec. 4.1: large Fourier scales make the
 # jvp's time derivative explode); the toy MLP's default frequencies reach 100, which diverged here.
 SMOOTH_TIME_STUDENTS = {"scm": 10.0, "rcm": 10.0}
 
 
-def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int, out, *, batch_size: int = 256, lr: float = 1e-3,
-                 seed: int = 0, widths=(256, 3, 256, 4), num_real: int = 20000, fit: bool = True, ema_decay: float = 0.0):
+def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int | None, out, *, batch_size: int = 256, lr: float = 1e-3,
+                 seed: int = 0, widths=(256, 3, 256, 4), num_real: int = 20000, fit: bool = True, ema_decay: float = 0.0,
+                 minutes: float | None = None, critic_lr: float | None = None, lr_final: float | None = None, warm_start: int = 0,
+                 curve_every: int = 0, curve_samples: int = 4000, generator_max_frequency: float | None = None):
     """Trains a method against the exact teacher of ``mixture`` with the project's own Trainer.
 
-    Returns the trained method (``fit=False``: the same method untrained, at its initialization).
+    Returns the trained method (``fit=False``: the same method untrained, at its initialization),
+    with ``method.toy_record``: steps and generator steps run, seconds, and the curve if one was kept.
     ``generator_steps`` counts generator updates; critic steps come on top as the method's phase
     rule says. ``ema_decay`` > 0: the trainer's EMA of the generator, loaded into it after training
     (what an exported student would be).
+
+    * ``minutes``: train for this wall time instead (the trainer's ``time_limit_minutes``); with
+      ``generator_steps`` None there is no step limit, otherwise whichever comes first.
+    * ``critic_lr``: the critic's learning rate (default ``lr``); ``lr_final``: both rates fall on a
+      half cosine from their start to ``lr_final / lr`` of it, over the steps or over the minutes.
+    * ``warm_start``: that many generator steps of kd (regression on the teacher's ODE pairs) first,
+      as DMD2's one-step SDXL recipe starts; they count against ``minutes``.
+    * ``generator_max_frequency``: the student's top Fourier time frequency (default: the method's,
+      :data:`SMOOTH_TIME_STUDENTS`, else the toy MLP's 100).
+    * ``curve_every``: every that many generator steps, :func:`toy_quality` of ``curve_samples`` one-step
+      samples (from the EMA when there is one) goes into ``toy_record["curve"]``; its seconds count too.
     """
+    tic = time.perf_counter()
+    if generator_steps is None and minutes is None:
+        raise ValueError("train_on_toy: give generator_steps, minutes, or both")
+    if generator_max_frequency is None:
+        generator_max_frequency = SMOOTH_TIME_STUDENTS.get(method["name"], 100.0)
     teacher = toy_teacher(mixture, generator_width=widths[0], generator_depth=widths[1], critic_width=widths[2], critic_depth=widths[3],
-                          generator_max_frequency=SMOOTH_TIME_STUDENTS.get(method["name"], 100.0))
+                          generator_max_frequency=generator_max_frequency)
     real = mixture.sample(num_real, torch.Generator().manual_seed(seed + 1))
     data = DataSource([""] * num_real, real, seed, 0.0)
-    probe = _phase_rule(method)
-    total = count = 0  # the fewest steps that hold generator_steps generator updates
-    while count < generator_steps:
-        count, total = count + (probe(total) == "generator"), total + 1
+    start_weights = None
+    if warm_start and fit:
+        kd = train_on_toy(mixture, METHOD_DEFAULTS["kd"], warm_start, Path(out) / "warm-start", batch_size=batch_size, lr=lr, seed=seed, widths=widths,
+                          num_real=num_real, generator_max_frequency=generator_max_frequency)
+        start_weights = _unwrap(kd.nets["generator"]).state_dict()
+    total = _steps_for(method, generator_steps) if generator_steps is not None else 10**9
     cfg = TrainConfig(teacher=f"exact:{mixture.name}", out=str(out), method=dict(method), batch_size=batch_size, max_steps=total,
-                      seed=seed, checkpoint_every=10**9, log_every=max(1, total // 20), resume=False, ema_decay=ema_decay)
-    cfg.optim.lr = cfg.critic_optim.lr = lr
+                      seed=seed, checkpoint_every=10**9, log_every=max(1, min(total, 10**4) // 20), resume=False, ema_decay=ema_decay)
+    cfg.optim.lr, cfg.critic_optim.lr = lr, lr if critic_lr is None else critic_lr
     cfg.optim.betas = cfg.critic_optim.betas = [0.9, 0.99]
     cfg.optim.weight_decay = cfg.critic_optim.weight_decay = 0.0
     cfg.optim.grad_clip = cfg.critic_optim.grad_clip = 10.0
     trainer = build_trainer(cfg, teacher=teacher, data=data)
+    if start_weights is not None:
+        _unwrap(trainer.method.nets["generator"]).load_state_dict(start_weights)
+        if "generator" in trainer.emas:  # the average starts from the warm-started weights, not the random ones
+            trainer.emas["generator"].load_state_dict(start_weights)
+    if minutes is not None:  # what is left of the budget once the warm start and the build are paid
+        cfg.time_limit_minutes = max(1e-6, minutes - (time.perf_counter() - tic) / 60)
+    watch = _Watch(trainer, mixture, generator_steps, cfg.time_limit_minutes, lr_final, curve_every, curve_samples)
     if fit:
+        trainer.train_step = watch.step
+        watch.start = time.perf_counter()
         trainer.fit()
         if "generator" in trainer.emas:
-            generator = trainer.method.nets["generator"]
-            getattr(generator, "module", generator).load_state_dict(trainer.emas["generator"].state_dict())
+            _unwrap(trainer.method.nets["generator"]).load_state_dict(trainer.emas["generator"].state_dict())
+    trainer.method.toy_record = {"steps": watch.steps, "generator_steps": watch.generator_steps, "wall_s": time.perf_counter() - tic,
+                                 "curve_s": watch.curve_s, "curve": watch.curve}
     return trainer.method
+
+
+class _Watch:
+    """Wraps the trainer's ``train_step``: counts steps, sets the cosine learning rates, keeps the curve."""
+
+    def __init__(self, trainer, mixture, generator_steps, minutes, lr_final, curve_every, curve_samples):
+        self.trainer, self.mixture, self.inner = trainer, mixture, trainer.train_step
+        self.planned_generator_steps, self.seconds = generator_steps, 60 * minutes if minutes else 0.0
+        self.base = (trainer.cfg.optim.lr, trainer.cfg.critic_optim.lr)
+        self.lr_final, self.curve_every, self.curve_samples = lr_final, curve_every, curve_samples
+        self.steps = self.generator_steps = 0
+        self.start, self.curve_s, self.curve = time.perf_counter(), 0.0, []
+
+    def progress(self) -> float:
+        """The share of the run done: of its generator steps or of its minutes, whichever is further."""
+        done = self.generator_steps / self.planned_generator_steps if self.planned_generator_steps else 0.0
+        if self.seconds:
+            done = max(done, (time.perf_counter() - self.start) / self.seconds)
+        return min(1.0, done)
+
+    def step(self, step: int) -> dict:
+        cfg = self.trainer.cfg
+        if self.lr_final is not None:
+            scale = self.lr_final / self.base[0] + (1 - self.lr_final / self.base[0]) * 0.5 * (1 + math.cos(math.pi * self.progress()))
+            cfg.optim.lr, cfg.critic_optim.lr = self.base[0] * scale, self.base[1] * scale
+        logs = self.inner(step)
+        self.steps += 1
+        if logs["phase"] == "generator":
+            self.generator_steps += 1
+            if self.curve_every and self.generator_steps % self.curve_every == 0:
+                tic = time.perf_counter()
+                row = {"generator_steps": self.generator_steps, "steps": self.steps, "train_s": tic - self.start - self.curve_s}
+                self.curve.append({**row, **toy_quality(self.samples(), self.mixture)})
+                self.curve_s += time.perf_counter() - tic
+        return logs
+
+    @torch.no_grad()
+    def samples(self) -> torch.Tensor:
+        """One-step samples of the generator as it would be exported now: its EMA when the run keeps one."""
+        method, emas = self.trainer.method, self.trainer.emas
+        if "generator" not in emas:
+            return sample_method(method, self.curve_samples)
+        online = method.nets["generator"]
+        averaged = copy.deepcopy(_unwrap(online))
+        averaged.load_state_dict(emas["generator"].state_dict())
+        method.nets["generator"] = averaged
+        try:
+            return sample_method(method, self.curve_samples)
+        finally:
+            method.nets["generator"] = online
+
+
+def _steps_for(method: dict, generator_steps: int) -> int:
+    """The fewest trainer steps that hold ``generator_steps`` generator updates."""
+    probe = _phase_rule(method)
+    total = count = 0
+    while count < generator_steps:
+        count, total = count + (probe(total) == "generator"), total + 1
+    return total
+
+
+def _unwrap(net):
+    return getattr(net, "module", net)
 
 
 def _phase_rule(method: dict):
