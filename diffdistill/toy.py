@@ -65,9 +65,10 @@ class GaussianMixture:
         return (r[:, :, None] * per_component).sum(1).to(x_t.dtype)
 
 
-def ring8() -> GaussianMixture:
+def ring8(radius: float = 2.0) -> GaussianMixture:
+    """Eight modes of std 0.1 on a circle (``radius`` other than 2: a shrunk or grown variant)."""
     angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
-    return GaussianMixture(2 * torch.stack([angles.cos(), angles.sin()], 1), 0.1, "ring8")
+    return GaussianMixture(radius * torch.stack([angles.cos(), angles.sin()], 1), 0.1, "ring8" if radius == 2.0 else f"ring8-r{radius:g}")
 
 
 def grid25() -> GaussianMixture:
@@ -123,10 +124,11 @@ class MLPDenoiserNet(nn.Module):
 
 
 def toy_teacher(mixture: GaussianMixture, schedule=None, generator_width=256, generator_depth=3, critic_width=256, critic_depth=4,
-                generator_max_frequency: float = 100.0) -> Teacher:
+                generator_max_frequency: float = 100.0, sigma_data: float | None = None) -> Teacher:
+    """``sigma_data``: the MLPs' EDM preconditioning constant (default: the mixture's per-coordinate std)."""
     schedule = schedule or VPSchedule.from_scheduler_config(SD15_SCHEDULE)
     dim = mixture.means.shape[1]
-    sd = float(torch.sqrt(mixture.means.var(0).mean() + mixture.std**2))
+    sd = sigma_data or float(torch.sqrt(mixture.means.var(0).mean() + mixture.std**2))
     return Teacher(
         pipe=None, backbone=ExactDenoiserNet(mixture, schedule), component="exact", kind="plain", schedule=schedule,
         prediction_type="sample", path=f"exact:{mixture.name}",
@@ -280,7 +282,7 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int | 
                  seed: int = 0, widths=(256, 3, 256, 4), num_real: int = 20000, fit: bool = True, ema_decay: float = 0.0,
                  minutes: float | None = None, critic_lr: float | None = None, lr_final: float | None = None, warm_start: int = 0,
                  curve_every: int = 0, curve_samples: int = 4000, generator_max_frequency: float | None = None, critic_warmup: int = 0,
-                 warm_start_target: GaussianMixture | None = None):
+                 warm_start_target: GaussianMixture | None = None, sigma_data: float | None = None):
     """Trains a method against the exact teacher of ``mixture`` with the project's own Trainer.
 
     Returns the trained method (``fit=False``: the same method untrained, at its initialization, which
@@ -298,6 +300,7 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int | 
       toy learning rate 1e-3 whatever ``lr`` is) first, as DMD2's one-step SDXL recipe starts; they
       count against ``minutes``. ``warm_start_target``: regress on that mixture's ODE pairs instead
       (a test starts from a deliberately wrong student, e.g. a shrunk ring, that the method must repair).
+    * ``sigma_data``: the MLPs' preconditioning constant (default: the mixture's per-coordinate std).
     * ``critic_warmup``: that many critic-only steps before the method's own phase rule starts (the
       toy critic is a fresh MLP, not a copy of the teacher as in DMD2, so it starts far from the
       fake score and its first gradients are noise); they count against ``minutes``.
@@ -312,13 +315,13 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int | 
     if generator_max_frequency is None:
         generator_max_frequency = SMOOTH_TIME_STUDENTS.get(method["name"], 100.0)
     teacher = toy_teacher(mixture, generator_width=widths[0], generator_depth=widths[1], critic_width=widths[2], critic_depth=widths[3],
-                          generator_max_frequency=generator_max_frequency)
+                          generator_max_frequency=generator_max_frequency, sigma_data=sigma_data)
     real = mixture.sample(num_real, torch.Generator().manual_seed(seed + 1))
     data = DataSource([""] * num_real, real, seed, 0.0)
     start_weights = None
     if warm_start:
-        start_weights = kd_warm_start(warm_start_target or mixture, warm_start, Path(out) / "warm-start", batch_size=batch_size, lr=1e-3, seed=seed, widths=widths,
-                                      generator_max_frequency=generator_max_frequency)
+        start_weights = kd_warm_start(warm_start_target or mixture, warm_start, Path(out) / "warm-start", batch_size=batch_size, lr=1e-3, seed=seed,
+                                      widths=widths, generator_max_frequency=generator_max_frequency, sigma_data=teacher.make_student().sigma_data)
     total = critic_warmup + _steps_for(method, generator_steps) if generator_steps is not None else 10**9
     cfg = TrainConfig(teacher=f"exact:{mixture.name}", out=str(out), method=dict(method), batch_size=batch_size, max_steps=total,
                       seed=seed, checkpoint_every=10**9, log_every=max(1, min(total, 10**4) // 20), resume=False, ema_decay=ema_decay)
@@ -353,13 +356,16 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int | 
 _WARM_STARTS: dict = {}
 
 
-def kd_warm_start(mixture: GaussianMixture, steps: int, out, *, batch_size: int, lr: float, seed: int, widths, generator_max_frequency: float) -> dict:
+def kd_warm_start(mixture: GaussianMixture, steps: int, out, *, batch_size: int, lr: float, seed: int, widths, generator_max_frequency: float,
+                  sigma_data: float) -> dict:
     """The generator's weights after ``steps`` of kd on the teacher's ODE pairs, kept per process:
-    tests that start several methods from the same warm start train it once."""
-    key = (mixture.means.numpy().tobytes(), mixture.std, steps, batch_size, lr, seed, tuple(widths), generator_max_frequency)
+    tests that start several methods from the same warm start train it once. ``sigma_data``: the
+    student's preconditioning constant, which is not in its weights (a warm start on another mixture
+    must use the student's, or the loaded weights map to another scale)."""
+    key = (mixture.means.numpy().tobytes(), mixture.std, steps, batch_size, lr, seed, tuple(widths), generator_max_frequency, sigma_data)
     if key not in _WARM_STARTS:
         kd = train_on_toy(mixture, METHOD_DEFAULTS["kd"], steps, out, batch_size=batch_size, lr=lr, seed=seed, widths=widths,
-                          generator_max_frequency=generator_max_frequency)
+                          generator_max_frequency=generator_max_frequency, sigma_data=sigma_data)
         _WARM_STARTS[key] = {k: v.clone() for k, v in _unwrap(kd.nets["generator"]).state_dict().items()}
     return {k: v.clone() for k, v in _WARM_STARTS[key].items()}
 
@@ -438,6 +444,26 @@ def _phase_rule(method: dict):
     if name == "dmd":
         return lambda step: "generator" if step % 2 == 0 else "critic"
     return lambda step: "generator"
+
+
+REPAIR_START_RADIUS = 1.8  # the kd warm start of repair_ring8 learns this ring: ED 0.032, which the floors reject
+
+
+def repair_ring8(name: str, generator_steps: int, out, **overrides) -> tuple[dict, dict]:
+    """The toy tests' run: ``name`` at its shipped toy settings (:data:`TRAIN_DEFAULTS`), warm-started
+    from a kd student of ring8 shrunk to radius 1.8 (a broken variant that fails :class:`Floors`), then
+    trained for ``generator_steps`` against the true ring8. Returns :func:`toy_quality` of 10,000
+    samples at the start and at the end.
+
+    Why this start: from scratch the DM students need minutes to pass the floors, far over a test's
+    budget; from the true ring's kd student they would pass with a generator that never moved. From
+    the shrunk ring the method itself has to move every sample outwards (the floors catch the shrunk
+    ring by energy distance only: its between-mode share, 12%, and masses pass)."""
+    settings = {**TRAIN_DEFAULTS.get(name, {}), "warm_start_target": ring8(REPAIR_START_RADIUS), **overrides}
+    mixture, out = ring8(), Path(out)
+    start = train_on_toy(mixture, METHOD_DEFAULTS[name], generator_steps, out / "start", fit=False, **settings)
+    method = train_on_toy(mixture, METHOD_DEFAULTS[name], generator_steps, out / "run", **settings)
+    return toy_quality(sample_method(start, 10000), mixture), toy_quality(sample_method(method, 10000), mixture)
 
 
 @torch.no_grad()
