@@ -234,6 +234,10 @@ def nll(samples: torch.Tensor, mixture: GaussianMixture) -> float:
 
 # ---- running a method on a toy target ---------------------------------------------------------
 
+# Method options on the toy. The ring8 measurements behind TRAIN_DEFAULTS (below) also tried option changes
+# for dmd2 and kept none: ratio 2 (43.5% between modes vs 46.6% at ratio 5, noisier, modes dropped at times),
+# normalize=none (43.6% vs 32.6% at width 128), DM t in U{20..500} (48.4% vs 54.5% at 900 generator steps,
+# 43.9% at its end, 1,567 steps; 14.2% vs 13.5% after a kd warm start): see benchmarks/toy2d.py's docstring.
 METHOD_DEFAULTS = {
     # DMD with a strong regression term: the setting that held all modes in our measurements
     "dmd": {"name": "dmd", "guidance": 1.0, "regression_weight": 4.0, "regression_pairs": 2048, "regression_steps": 50, "critic_loss": "x0"},
@@ -269,7 +273,12 @@ METHOD_DEFAULTS = {
 # is slow to carve one) -- 13.5% (dmd2), 18% (sid), 16% (sim) -- but at lr 1e-3 the first DM steps undo
 # much of it (dmd2 back to 29% between and ED 0.03 within 700 steps; 1,000 critic-only warm-up steps did
 # not prevent it); the generator at lr 3e-4 (critic 1e-3) keeps it (dmd2 10.7%, ED 0.009), and an EMA of
-# 0.99 steadies the energy distance (dmd2 9.3%, ED 0.0086 after 1,300 generator steps).
+# 0.99 steadies the energy distance (with DM t <= 500 as well: dmd2 9.3%, ED 0.0086 after 1,300 generator
+# steps). At 10 minutes (benchmarks/toy2d.py --minutes 10, 10 runs at once, load 4 -> 13) on ring8: dmd2 ED
+# 0.0058 / 9.4% between, dmd 0.0050 / 8.5%, sid 0.0169 / 9.9%, sim 0.0132 / 10.0% (kd alone 0.0042 / 5.6%):
+# the warm start brings the between-mode share, and the DM phase keeps it (dmd, dmd2) or lets the energy
+# distance drift up from the warm start's ~0.012 (sid, sim). On grid25 this recipe does not reach 23/25 modes
+# except for dmd (dmd2 16, sid 21, sim 20): 2,000 kd steps leave 77% of grid25's samples between modes.
 DM_TOY_TRAINING = {"widths": (128, 3, 128, 3), "warm_start": 2000, "lr": 3e-4, "critic_lr": 1e-3, "ema_decay": 0.99}
 TRAIN_DEFAULTS: dict[str, dict] = {name: dict(DM_TOY_TRAINING) for name in ("dmd", "dmd2", "sid", "sim", "fdistill", "diff_instruct")}
 
