@@ -277,7 +277,7 @@ METHOD_DEFAULTS = {
 # steps). At 10 minutes (benchmarks/toy2d.py --minutes 10, 10 runs at once, load 4 -> 13) on ring8: dmd2 ED
 # 0.0058 / 9.4% between, dmd 0.0050 / 8.5%, sid 0.0169 / 9.9%, sim 0.0132 / 10.0% (kd alone 0.0042 / 5.6%):
 # the warm start brings the between-mode share, and the DM phase keeps it (dmd, dmd2) or lets the energy
-# distance drift up from the warm start's ~0.012 (sid, sim). On grid25 this recipe does not reach 23/25 modes
+# distance drift up (sid, sim: ~0.012 after 100 DM steps, 0.02 at 500). On grid25 this recipe does not reach 23/25 modes
 # except for dmd (dmd2 16, sid 21, sim 20): 2,000 kd steps leave 77% of grid25's samples between modes.
 DM_TOY_TRAINING = {"widths": (128, 3, 128, 3), "warm_start": 2000, "lr": 3e-4, "critic_lr": 1e-3, "ema_decay": 0.99}
 TRAIN_DEFAULTS: dict[str, dict] = {name: dict(DM_TOY_TRAINING) for name in ("dmd", "dmd2", "sid", "sim", "fdistill", "diff_instruct")}
