@@ -16,9 +16,7 @@ from diffdistill.methods import build_method
 from diffdistill.methods.fdistill import F_DIVERGENCES, density_ratio_from_logits, dm_surrogate, normalize_ratio_by_t, weighted_dm_grad
 from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import add_noise
-from diffdistill.toy import METHOD_DEFAULTS, energy_distance, mode_report, ring8, sample_method, toy_teacher, train_on_toy
-
-WIDTHS, STEPS = (128, 3, 128, 3), 300  # generator steps of the toy test
+from diffdistill.toy import Floors, repair_ring8, ring8, toy_teacher
 
 # h / (f'' r^2): the constant each h carries (the f definitions keep the usual normalizations)
 CONSTANT = {"rkl": 1.0, "kl": 1.0, "js": 2.0, "sf": 1.0, "neyman": 0.5, "sh": 2.0, "jf": 1.0}
@@ -179,24 +177,23 @@ def test_diff_instruct_is_the_unnormalized_reverse_kl_case():
     torch.testing.assert_close(mc, expected, rtol=0.03, atol=0.01 * expected.abs().max().item())
 
 
-def test_fdistill_energy_distance_to_ring8_falls_twentyfold(tmp_path):
-    """Seeded run of the toy defaults against the exact ring8 teacher (small MLPs, under a minute)."""
-    mixture = ring8()
-    reference = mixture.sample(2000, torch.Generator().manual_seed(5))
-    start = energy_distance(sample_method(train_on_toy(mixture, METHOD_DEFAULTS["fdistill"], STEPS, tmp_path, widths=WIDTHS, fit=False), 2000), reference)
-    samples = sample_method(train_on_toy(mixture, METHOD_DEFAULTS["fdistill"], STEPS, tmp_path / "run", widths=WIDTHS), 4000)
-    end = energy_distance(samples[:2000], reference)
-    report = mode_report(samples, mixture)
-    assert end * 20 <= start, (start, end)
-    assert report["modes_covered"] == 8, report
+def test_fdistill_repairs_a_shrunk_ring8_to_the_floors(tmp_path):
+    """The method learns: from a kd student of ring8 shrunk to radius 1.8 (a broken variant that fails the
+    floors: asserted) it must bring ring8's samples within diffdistill.toy.Floors (energy distance <= 0.012
+    over 5 x 2,000 samples, <= 20% between modes, mass and spread ratios in range, 8/8 modes) in 120
+    generator steps at its shipped toy settings (TRAIN_DEFAULTS). Why not from scratch: DM students need
+    minutes to pass the floors there (benchmarks/toy2d.py); see repair_ring8."""
+    start, end = repair_ring8("fdistill", 120, tmp_path)
+    assert Floors().failures(start), start  # the warm start alone is a broken variant
+    assert not Floors().failures(end), (Floors().failures(end), end)
 
 
-def test_diff_instruct_energy_distance_to_ring8_falls_twentyfold(tmp_path):
-    mixture = ring8()
-    reference = mixture.sample(2000, torch.Generator().manual_seed(5))
-    spec = METHOD_DEFAULTS["diff_instruct"]
-    start = energy_distance(sample_method(train_on_toy(mixture, spec, STEPS, tmp_path, widths=WIDTHS, fit=False), 2000), reference)
-    samples = sample_method(train_on_toy(mixture, spec, STEPS, tmp_path / "run", widths=WIDTHS), 4000)
-    end = energy_distance(samples[:2000], reference)
-    assert end * 20 <= start, (start, end)
-    assert mode_report(samples, mixture)["modes_covered"] == 8
+def test_diff_instruct_repairs_a_shrunk_ring8_to_the_floors(tmp_path):
+    """The method learns: from a kd student of ring8 shrunk to radius 1.8 (a broken variant that fails the
+    floors: asserted) it must bring ring8's samples within diffdistill.toy.Floors (energy distance <= 0.012
+    over 5 x 2,000 samples, <= 20% between modes, mass and spread ratios in range, 8/8 modes) in 120
+    generator steps at its shipped toy settings (TRAIN_DEFAULTS). Why not from scratch: DM students need
+    minutes to pass the floors there (benchmarks/toy2d.py); see repair_ring8."""
+    start, end = repair_ring8("diff_instruct", 120, tmp_path)
+    assert Floors().failures(start), start  # the warm start alone is a broken variant
+    assert not Floors().failures(end), (Floors().failures(end), end)

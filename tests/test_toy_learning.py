@@ -1,31 +1,72 @@
-"""The methods learn: seeded runs against the exact ring8 teacher, with the project's own trainer.
+"""The methods learn: seeded runs against the exact ring8 teacher, with the project's own trainer,
+held to absolute floors (:class:`diffdistill.toy.Floors`) that broken samples are shown to fail.
 
-Small from-scratch MLPs (width 128) keep each run within about a minute on two CPU cores.
+Each training test (here dmd and dmd2; sid, sim, f-distill and Diff-Instruct in their own files) runs
+:func:`diffdistill.toy.repair_ring8`: the method at its shipped toy settings, warm-started from a kd
+student of a ring shrunk to radius 1.8, which fails the floors (asserted), so the method itself has to
+bring every sample out to the ring in ~120 generator steps.
 """
 
+import math
+
+import pytest
 import torch
 
-from diffdistill.toy import METHOD_DEFAULTS, energy_distance, mode_report, ring8, sample_method, train_on_toy
+from diffdistill.toy import (
+    METHOD_DEFAULTS,
+    Floors,
+    GaussianMixture,
+    mode_report,
+    repair_ring8,
+    ring8,
+    sample_teacher_ode,
+    toy_quality,
+    toy_teacher,
+    train_on_toy,
+)
 
-WIDTHS = (128, 3, 128, 3)
+FLOORS = Floors()  # energy distance <= 0.012, <= 20% between modes, mass ratios and spread ratio in range, 8/8 modes
 
 
-def test_dmd_covers_all_eight_modes_with_balanced_mass(tmp_path):
+def broken_ring8_samples(n: int = 10000, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Issue 20's broken variants of ring8, and one more: sample sets a learning test must not accept."""
+    mixture, g = ring8(), torch.Generator().manual_seed(seed)
+    angle = torch.rand(n, generator=g, dtype=torch.float64) * 2 * math.pi
+    return {
+        "blur 5x std": GaussianMixture(mixture.means, 5 * mixture.std).sample(n, g),
+        "uniform ring": (2 * torch.stack([angle.cos(), angle.sin()], 1) + mixture.std * torch.randn(n, 2, generator=g, dtype=torch.float64)).float(),
+        "dropped mode": GaussianMixture(mixture.means[1:], mixture.std).sample(n, g),
+        "ring shrunk to radius 1.8": ring8(1.8).sample(n, g),
+        "modes collapsed to points": GaussianMixture(mixture.means, 0.2 * mixture.std).sample(n, g),
+    }
+
+
+def test_floors_reject_each_broken_variant_and_accept_the_teacher():
+    """The floors are discriminative: exact samples and the teacher's 50-step ODE pass, each broken variant fails."""
     mixture = ring8()
-    method = train_on_toy(mixture, METHOD_DEFAULTS["dmd"], 300, tmp_path, widths=WIDTHS, batch_size=256)
-    report = mode_report(sample_method(method, 4000), mixture)
-    assert report["modes_covered"] == 8, report
-    assert 0.5 <= report["mass_ratio_min"] and report["mass_ratio_max"] <= 2.0, report
+    assert not FLOORS.failures(toy_quality(mixture.sample(10000, torch.Generator().manual_seed(3)), mixture))
+    assert not FLOORS.failures(toy_quality(sample_teacher_ode(toy_teacher(mixture), 10000), mixture))
+    for name, samples in broken_ring8_samples().items():
+        quality = toy_quality(samples, mixture)
+        assert FLOORS.failures(quality), f"{name} passes the floors: {quality}"
 
 
-def test_dmd2_energy_distance_falls_twentyfold(tmp_path):
-    mixture = ring8()
-    reference = mixture.sample(2000, torch.Generator().manual_seed(5))
-    untrained = train_on_toy(mixture, METHOD_DEFAULTS["dmd2"], 300, tmp_path, widths=WIDTHS, fit=False)
-    start = energy_distance(sample_method(untrained, 2000), reference)
-    method = train_on_toy(mixture, METHOD_DEFAULTS["dmd2"], 300, tmp_path, widths=WIDTHS, batch_size=256)
-    end = energy_distance(sample_method(method, 2000), reference)
-    assert end * 20 <= start, (start, end)
+@pytest.fixture
+def one_thread():
+    """Small MLPs run fastest (and reproducibly) on one thread, above all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["dmd", "dmd2"])
+def test_repairs_a_shrunk_ring_to_the_floors(name, tmp_path, one_thread):
+    """Shipped toy settings (TRAIN_DEFAULTS) but 120 generator steps from the shrunk-ring warm start (see
+    the module docstring); both reach ED 0.005-0.008 by then (0.032 at the start)."""
+    start, end = repair_ring8(name, 120, tmp_path)
+    assert FLOORS.failures(start), start  # the warm start alone is a broken variant
+    assert not FLOORS.failures(end), (FLOORS.failures(end), end)
 
 
 def test_train_on_toy_samples_from_the_generator_ema(tmp_path):
