@@ -20,7 +20,7 @@ minutes (their seconds are in the JSON).
 
 Each method trains at its toy settings, ``diffdistill.toy.TRAIN_DEFAULTS`` (``--lr`` and ``--ema``
 override them): for the distribution-matching students a 2,000-step kd warm start, width-128 nets,
-generator lr 3e-4 (critic 1e-3) and a generator EMA of 0.99. Why, with the runs behind it: the comments
+generator lr 1e-4 (critic 1e-3) and a generator EMA of 0.99. Why, with the runs behind it: the comments
 above METHOD_DEFAULTS and TRAIN_DEFAULTS in diffdistill/toy.py. In short, from scratch the one-step
 students map the Gaussian onto a thin ring with its mass spread evenly along it (a uniform-ring-like
 sample, ~47% between modes after 1,900 dmd2 generator steps): the DM gradient carves the steep
