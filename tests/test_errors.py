@@ -132,7 +132,7 @@ def test_damaged_weights_name_the_file(damage, tiny_pipeline, tmp_path, capsys):
     (SafetensorError("Error while serializing: IoError(No space left on device)"), ["safetensors", "No space left", "free space"]),
 ])
 def test_disk_and_permission_failures_are_one_line(failure, words, monkeypatch, capsys):
-    def fail(cfg):
+    def fail(cfg, evaluator=None):
         raise failure
 
     monkeypatch.setattr(diffdistill.run, "train", fail)
