@@ -282,7 +282,9 @@ METHOD_DEFAULTS = {
 # except for dmd (dmd2 16, sid 21, sim 20): 2,000 kd steps leave 77% of grid25's samples between modes.
 # Then lr 1e-4 against 3e-4 (3 minutes, two runs at a time, load 1-2): sid ED 0.0045 / 9.1% against 0.0179 / 10.7%
 # (at 3e-4 it sat at ~0.02 for 4,000 steps; at 1e-4 it rose to 0.02 by step 400 and fell under 0.008 after
-# 1,300), sim 0.0051 / 9.0%, dmd2 0.0045 / 9.0% against 0.0043 / 11.0%: so 1e-4 for all of them.
+# 1,300), sim 0.0051 / 9.0%, dmd2 0.0045 / 9.0% against 0.0043 / 11.0%: so 1e-4 for all of them. With it, at
+# 10 minutes on ring8 (toy2d.py --minutes 10 --jobs 4, load 1.3 -> 4.0; teacher ODE 0.0036 / 0.1%): dmd2 0.0042 /
+# 8.6% (5,763 generator steps), sid 0.0039 / 9.2%, sim 0.0039 / 9.0%, dmd 0.0040 / 7.3%, all 8/8 modes.
 DM_TOY_TRAINING = {"widths": (128, 3, 128, 3), "warm_start": 2000, "lr": 1e-4, "critic_lr": 1e-3, "ema_decay": 0.99}
 TRAIN_DEFAULTS: dict[str, dict] = {name: dict(DM_TOY_TRAINING) for name in ("dmd", "dmd2", "sid", "sim", "fdistill", "diff_instruct")}
 
