@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,3 +20,12 @@ def tiny_dirs(tmp_path_factory, tiny_unet_dir):
 
     root = tmp_path_factory.mktemp("tiny-all")
     return {"unet": tiny_unet_dir, "dit": write_tiny_pipeline(root / "dit", "dit"), "sd3": write_tiny_pipeline(root / "sd3", "sd3")}
+
+
+@pytest.fixture
+def one_thread():
+    """Small MLPs run fastest (and reproducibly) on one thread, above all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,10 +11,10 @@ from torch import nn
 
 from diffdistill.backbones.loading import Teacher
 from diffdistill.denoiser import Denoiser
-from diffdistill.randomness import BatchRandom
 from diffdistill.methods.consistency import CDOptions, ConsistencyDistillation, lcm_timesteps, skip_grid
 from diffdistill.methods.lcm_student import boundary_coefficients, consistency_output, guidance_embedding
 from diffdistill.methods.teacher_ode import SOLVERS, teacher_ode_step
+from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import FlowSchedule, VPSchedule
 from diffdistill.scores import ScoreEngine
 from diffdistill.toy import SD15_SCHEDULE
@@ -215,15 +215,6 @@ def exact_teacher_with_student(schedule):
     teacher = exact_teacher(schedule)
     teacher.make_student = lambda: MLPDenoiserNet(schedule, 1, 16, 1)
     return teacher
-
-
-@pytest.fixture
-def one_thread():
-    """Small MLPs run fastest (and reproducibly) on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cd_energy_distance_to_ring8_falls_twentyfold(tmp_path, one_thread):

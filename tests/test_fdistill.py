@@ -10,13 +10,14 @@ import gaussian_1d as g
 import known_densities as known
 import pytest
 import torch
+from toy_repair import assert_repairs_shrunk_ring8
 
 from diffdistill.config import ConfigError, TrainConfig
 from diffdistill.methods import build_method
 from diffdistill.methods.fdistill import F_DIVERGENCES, density_ratio_from_logits, dm_surrogate, normalize_ratio_by_t, weighted_dm_grad
 from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import add_noise
-from diffdistill.toy import Floors, repair_ring8, ring8, toy_teacher
+from diffdistill.toy import ring8, toy_teacher
 
 # h / (f'' r^2): the constant each h carries (the f definitions keep the usual normalizations)
 CONSTANT = {"rkl": 1.0, "kl": 1.0, "js": 2.0, "sf": 1.0, "neyman": 0.5, "sh": 2.0, "jf": 1.0}
@@ -178,23 +179,11 @@ def test_diff_instruct_is_the_unnormalized_reverse_kl_case():
 
 
 def test_fdistill_repairs_a_shrunk_ring8_to_the_floors(tmp_path):
-    """The method learns: from a kd student of ring8 shrunk to radius 1.8 (a broken variant that fails the
-    floors: asserted) it must bring ring8's samples within diffdistill.toy.Floors (energy distance <= 0.012
-    over 5 x 2,000 samples, <= 20% between modes, mass and spread ratios in range, 8/8 modes) in 120
-    generator steps at its shipped toy settings (TRAIN_DEFAULTS). Why not from scratch: DM students need
-    minutes to pass the floors there (benchmarks/toy2d.py); see repair_ring8."""
-    start, end = repair_ring8("fdistill", 120, tmp_path)
-    assert Floors().failures(start), start  # the warm start alone is a broken variant
-    assert not Floors().failures(end), (Floors().failures(end), end)
+    """The method learns: see tests/toy_repair.py."""
+    assert_repairs_shrunk_ring8("fdistill", 120, tmp_path)
 
 
 def test_diff_instruct_repairs_a_shrunk_ring8_to_the_floors(tmp_path):
-    """The method learns: from a kd student of ring8 shrunk to radius 1.8 (a broken variant that fails the
-    floors: asserted) it must bring ring8's samples within diffdistill.toy.Floors (energy distance <= 0.012
-    over 5 x 2,000 samples, <= 20% between modes, mass and spread ratios in range, 8/8 modes) in 360
-    generator steps at its shipped toy settings (TRAIN_DEFAULTS). Why not from scratch: DM students need
-    minutes to pass the floors there (benchmarks/toy2d.py); see repair_ring8. 360 steps here, not 120: with
+    """The method learns: see tests/toy_repair.py. 360 steps here, not 120: with
     its critic update a no-op Diff-Instruct still passes at 120 and fails at 360 (ED 0.060; 0.0068 when whole)."""
-    start, end = repair_ring8("diff_instruct", 360, tmp_path)
-    assert Floors().failures(start), start  # the warm start alone is a broken variant
-    assert not Floors().failures(end), (Floors().failures(end), end)
+    assert_repairs_shrunk_ring8("diff_instruct", 360, tmp_path)

@@ -12,11 +12,11 @@ from torch import nn
 
 from diffdistill.backbones.loading import Teacher
 from diffdistill.denoiser import Denoiser
-from diffdistill.randomness import BatchRandom
 from diffdistill.methods.phased_dmd import stage_ends
 from diffdistill.methods.subinterval import conditional_coefficients, subinterval_dm_grad, subinterval_score_loss, subinterval_x0_target
-from diffdistill.scores import ScoreEngine
+from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import VPSchedule
+from diffdistill.scores import ScoreEngine
 from diffdistill.toy import SD15_SCHEDULE, ExactDenoiserNet, GaussianMixture
 
 SCHEDULE = VPSchedule.from_scheduler_config(SD15_SCHEDULE)
@@ -184,15 +184,6 @@ def test_critic_loss_is_finite_as_t_reaches_the_boundary():
     for weighting in ("eps", "x0"):
         loss = subinterval_score_loss(critic, teacher.schedule, x_s, s, s.clone(), torch.randn(4, 2, dtype=torch.float64), {}, weighting)
         assert torch.isfinite(loss).all(), (weighting, loss)
-
-
-@pytest.fixture
-def one_thread():
-    """Small MLPs run fastest (and reproducibly) on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_energy_distance_to_ring8_falls_twentyfold(tmp_path, one_thread):

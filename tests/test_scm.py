@@ -259,15 +259,6 @@ def test_rcm_phase_rule_and_dmd_term_after_warmup():
     assert method.phase_nets("generator") == ["generator"] and method.phase_nets("critic") == ["critic"]
 
 
-@pytest.fixture
-def one_thread():
-    """Small MLPs run fastest (and reproducibly) on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name, steps", [("scm", 1000), ("rcm", 600)])
 def test_energy_distance_to_ring8_falls_twentyfold(name, steps, tmp_path, one_thread):
     """Seeded, under a minute: one-step samples of the toy student against the exact ring8 teacher."""

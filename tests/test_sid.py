@@ -13,6 +13,7 @@ import gaussian_1d as g
 import numpy as np
 import pytest
 import torch
+from toy_repair import assert_repairs_shrunk_ring8
 
 from diffdistill.config import ConfigError, TrainConfig
 from diffdistill.methods import build_method
@@ -21,7 +22,7 @@ from diffdistill.methods.sid import SiDTimesteps, sid_generator_loss
 from diffdistill.randomness import BatchRandom
 from diffdistill.scores import critic_phase_loss
 from diffdistill.teachers import resolve_teacher
-from diffdistill.toy import Floors, repair_ring8, ring8, toy_teacher
+from diffdistill.toy import ring8, toy_teacher
 
 
 def score_gap(x, m_q, v_q, m_p, v_p):
@@ -156,14 +157,8 @@ def test_sida_needs_real_images_and_bad_options_are_clear_errors():
 
 
 def test_sid_repairs_a_shrunk_ring8_to_the_floors(tmp_path):
-    """The method learns: from a kd student of ring8 shrunk to radius 1.8 (a broken variant that fails the
-    floors: asserted) it must bring ring8's samples within diffdistill.toy.Floors (energy distance <= 0.012
-    over 5 x 2,000 samples, <= 20% between modes, mass and spread ratios in range, 8/8 modes) in 120
-    generator steps at its shipped toy settings (TRAIN_DEFAULTS). Why not from scratch: DM students need
-    minutes to pass the floors there (benchmarks/toy2d.py); see repair_ring8."""
-    start, end = repair_ring8("sid", 120, tmp_path)
-    assert Floors().failures(start), start  # the warm start alone is a broken variant
-    assert not Floors().failures(end), (Floors().failures(end), end)
+    """The method learns: see tests/toy_repair.py."""
+    assert_repairs_shrunk_ring8("sid", 120, tmp_path)
 
 
 class _RecordsCond(torch.nn.Module):

@@ -8,13 +8,14 @@ integrates d over the frozen N(m_q, v_q) on a fine grid; only s_q (hence D_f) mo
 import gaussian_1d as g
 import pytest
 import torch
+from toy_repair import assert_repairs_shrunk_ring8
 
 from diffdistill.config import ConfigError, TrainConfig
 from diffdistill.methods import build_method
 from diffdistill.methods.sid import sid_loss
 from diffdistill.methods.sim import pseudo_huber_grad, sim_generator_loss, sim_loss
 from diffdistill.randomness import BatchRandom
-from diffdistill.toy import Floors, repair_ring8, ring8, toy_teacher
+from diffdistill.toy import ring8, toy_teacher
 
 
 def x0_gap(x, m_q, v_q, m_p, v_p, alpha, sigma):
@@ -82,11 +83,5 @@ def test_sim_method_runs_and_checks_its_options():
 
 
 def test_sim_repairs_a_shrunk_ring8_to_the_floors(tmp_path):
-    """The method learns: from a kd student of ring8 shrunk to radius 1.8 (a broken variant that fails the
-    floors: asserted) it must bring ring8's samples within diffdistill.toy.Floors (energy distance <= 0.012
-    over 5 x 2,000 samples, <= 20% between modes, mass and spread ratios in range, 8/8 modes) in 120
-    generator steps at its shipped toy settings (TRAIN_DEFAULTS). Why not from scratch: DM students need
-    minutes to pass the floors there (benchmarks/toy2d.py); see repair_ring8."""
-    start, end = repair_ring8("sim", 120, tmp_path)
-    assert Floors().failures(start), start  # the warm start alone is a broken variant
-    assert not Floors().failures(end), (Floors().failures(end), end)
+    """The method learns: see tests/toy_repair.py."""
+    assert_repairs_shrunk_ring8("sim", 120, tmp_path)

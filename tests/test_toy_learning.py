@@ -11,13 +11,13 @@ import math
 
 import pytest
 import torch
+from toy_repair import assert_repairs_shrunk_ring8
 
 from diffdistill.toy import (
     METHOD_DEFAULTS,
     Floors,
     GaussianMixture,
     mode_report,
-    repair_ring8,
     ring8,
     sample_teacher_ode,
     toy_quality,
@@ -51,24 +51,13 @@ def test_floors_reject_each_broken_variant_and_accept_the_teacher():
         assert FLOORS.failures(quality), f"{name} passes the floors: {quality}"
 
 
-@pytest.fixture
-def one_thread():
-    """Small MLPs run fastest (and reproducibly) on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", ["dmd", "dmd2"])
 def test_repairs_a_shrunk_ring_to_the_floors(name, tmp_path, one_thread):
     """Shipped toy settings (TRAIN_DEFAULTS), 360 generator steps from the shrunk-ring warm start (see the
     module docstring): dmd2 is at ED 0.0074 after 120 and 0.0053 after 360 (0.032 at the start). 360, not
     fewer: with its critic update a no-op dmd2 still passes at 120 (the teacher's score alone pulls the ring
     out), and fails only later as the untrained fake score drags it off (ED 0.017 at 240, 0.028 at 360)."""
-    start, end = repair_ring8(name, 360, tmp_path)
-    assert FLOORS.failures(start), start  # the warm start alone is a broken variant
-    assert not FLOORS.failures(end), (FLOORS.failures(end), end)
+    assert_repairs_shrunk_ring8(name, 360, tmp_path)
 
 
 def test_train_on_toy_samples_from_the_generator_ema(tmp_path):
