@@ -19,6 +19,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from diffdistill.backbones import feature_module
 from diffdistill.conditioning import cond_cat
@@ -67,25 +68,44 @@ def make_critic(teacher, lora_rank: int = 0, lora_alpha: float | None = None, sh
     return Denoiser(backbone, teacher.schedule, teacher.prediction_type, adapter=adapter)
 
 
+class FeaturesRead(Exception):
+    """Raised by a stopping FeatureTap once it holds the features: the rest of the forward is skipped."""
+
+
 class FeatureTap:
-    """Captures the output of a backbone's feature module during a forward pass."""
+    """Captures the output of a backbone's feature module during a forward pass.
+
+    ``reading(stop=True)`` ends the forward right after the feature module: a GAN head needs only the
+    bottleneck, so the UNet's up path (or a transformer's final norm and projection) is never run.
+    """
 
     def __init__(self, backbone: nn.Module):
         self.module = feature_module(getattr(backbone, "module", backbone))
         self.value = None
 
     @contextlib.contextmanager
-    def reading(self):
+    def reading(self, stop: bool = False):
         def hook(module, args, output):
             # SD3's and Flux's joint blocks return (text tokens, image tokens), and SD3's last block
             # returns no text tokens at all: the image's features are the last element
             self.value = output[-1] if isinstance(output, tuple) else output
+            if stop:
+                raise FeaturesRead
 
         handle = self.module.register_forward_hook(hook)
         try:
             yield self
+        except FeaturesRead:
+            pass
         finally:
-            handle.remove()
+            handle.remove()  # whole forwards that follow (the fake-score loss, a checkpoint recomputation) run whole
+
+
+def can_stop_early(net: nn.Module) -> bool:
+    """Whether a forward through ``net`` may be cut short. A DDP wrapper prepares its gradient
+    reduction after the forward returns, and FSDP reshards after it; neither happens when the
+    forward raises, so wrapped or sharded nets run whole."""
+    return not hasattr(net, "module") and not any(isinstance(m, FSDPModule) for m in (net, getattr(net, "backbone", net)))
 
 
 class GANHead(nn.Module):
@@ -161,9 +181,9 @@ class ScoreEngine:
         """Logits of the GAN head on features of (critic or teacher) at (x_t, t); graph kept to x_t."""
         net = self.nets[self.critic_name] if self.gan_features == "critic" else self.teacher_denoiser
         tap = FeatureTap(net.module.backbone if hasattr(net, "module") else net.backbone)
-        with tap.reading():
-            x0 = net(x_t, t, cond)
-        return self.nets[self.gan_name](tap.value), x0
+        with tap.reading(stop=can_stop_early(net)):
+            net(x_t, t, cond)
+        return self.nets[self.gan_name](tap.value)
 
 
 def fake_score_loss(critic, schedule, prediction_type: str, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond: dict, space: str = "native",

@@ -53,7 +53,7 @@ def test_a_patch_head_on_token_features_is_refused():
 
 def test_both_gan_losses_reduce_a_patch_heads_logits_per_sample():
     fake_logits, real_logits = torch.tensor([[0.5, -1.0], [2.0, 0.0]]), torch.tensor([[1.0, 3.0], [-2.0, 0.5]])
-    engine = type("Engine", (), {"gan_logits": lambda self, x_t, t, cond: (x_t, None)})()
+    engine = type("Engine", (), {"gan_logits": lambda self, x_t, t, cond: x_t})()
     loss, _ = discriminator_loss(engine, (fake_logits, None), (real_logits, None), {})
     torch.testing.assert_close(loss, (F.softplus(fake_logits) + F.softplus(-real_logits)).mean(1))
     torch.testing.assert_close(generator_gan_loss(engine, fake_logits, None, {})[0], F.softplus(-fake_logits).mean(1))

@@ -154,7 +154,7 @@ def test_dmd2_generator_loss_is_the_dm_term_plus_gan_weight_times_the_generators
     g = (d_fake - d_real) / (x.detach().double() - d_real).abs().mean(1, keepdim=True)  # DMD2's per-sample normalization
     dm = 0.5 * (x - (x - g).detach()).square().mean(1)                                  # gradient g / numel, value 0.5 mean g^2
     x_tilde, t_tilde = noised(x, rng, 999)
-    gan = F.softplus(-logits_of(x_tilde.float(), t_tilde, {})[0])
+    gan = F.softplus(-logits_of(x_tilde.float(), t_tilde, {}))
     torch.testing.assert_close(loss.double(), dm + 0.3 * gan.double(), rtol=1e-5, atol=1e-7)
     assert abs(logs["loss_gan_g"] - gan.mean().item()) < 1e-5
     # the generator's gradient is that of the hand loss; the DM term sends none to the critic (only the GAN term does)
@@ -179,7 +179,7 @@ def test_dmd2_critic_loss_is_the_fake_score_loss_plus_the_discriminator_loss():
     x_t, t = noised(x, rng, 999)
     fake_score = (critic(x_t.float(), t, {}) - x).square().mean(1)  # the toy predicts x0, so "native" is x0-MSE
     (fake_tilde, t_fake), (real_tilde, t_real) = noised(x, rng, 999), noised(real, rng, 999)
-    disc = F.softplus(logits_of(fake_tilde.float(), t_fake, {})[0]) + F.softplus(-logits_of(real_tilde.float(), t_real, {})[0])
+    disc = F.softplus(logits_of(fake_tilde.float(), t_fake, {})) + F.softplus(-logits_of(real_tilde.float(), t_real, {}))
     torch.testing.assert_close(loss, fake_score + 0.7 * disc, rtol=1e-5, atol=1e-6)
     assert abs(logs["loss_fake"] - fake_score.mean().item()) < 1e-5 and abs(logs["loss_gan_d"] - disc.mean().item()) < 1e-5
     loss.mean().backward()

@@ -7,7 +7,7 @@ from diffdistill.config import ConfigError
 from diffdistill.denoiser import Denoiser
 from diffdistill.methods import build_method
 from diffdistill.schedules import VPSchedule
-from diffdistill.scores import FeatureTap, ScoreEngine, cfg_combine, guided, make_critic
+from diffdistill.scores import FeatureTap, ScoreEngine, can_stop_early, cfg_combine, guided, make_critic
 from diffdistill.teachers import resolve_teacher
 from diffdistill.toy import SD15_SCHEDULE, ring8, toy_teacher
 
@@ -94,5 +94,63 @@ def test_gan_head_reads_the_image_tokens_of_a_joint_transformer():
     with torch.no_grad(), tap.reading():
         method.nets["critic"](x, t, cond)
     assert tap.value.shape[:2] == (2, (height // patch) * (width // patch))
-    logits, _ = method.engine.gan_logits(x, t, cond)
+    logits = method.engine.gan_logits(x, t, cond)
     assert logits.shape == (2,) and torch.isfinite(logits).all()
+
+
+def _unet_dmd2_with_gan_head():
+    teacher = resolve_teacher("tiny:unet")
+    method = build_method({"name": "dmd2", "gan_weight": 1e-3}, teacher, _cfg())
+    x = torch.randn(2, *teacher.latent_shape, requires_grad=True)
+    return method, x, torch.full((2,), 500.0), encode_prompts(teacher.pipe, ["a cat", "a dog"], "cpu")
+
+
+def _logits_and_grads(method, x, t, cond, stop: bool):
+    critic, head = method.nets["critic"], method.nets["gan_head"]
+    x.grad = None
+    critic.zero_grad()
+    if stop:
+        logits = method.engine.gan_logits(x, t, cond)
+    else:
+        tap = FeatureTap(critic.backbone)
+        with tap.reading():
+            critic(x, t, cond)
+        logits = head(tap.value)
+    logits.sum().backward()
+    return logits.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in critic.named_parameters() if p.grad is not None}
+
+
+def test_gan_logits_stop_the_critic_after_its_bottleneck_with_the_whole_forwards_logits_and_gradients():
+    method, x, t, cond = _unet_dmd2_with_gan_head()
+    backbone = method.nets["critic"].backbone
+    ran = []
+    handle = backbone.up_blocks[0].register_forward_pre_hook(lambda *_: ran.append("up"))
+    try:
+        whole = _logits_and_grads(method, x, t, cond, stop=False)
+        assert ran == ["up"]
+        early = _logits_and_grads(method, x, t, cond, stop=True)
+        assert ran == ["up"], "the up path ran for the GAN head's features"
+    finally:
+        handle.remove()
+    torch.testing.assert_close(early[0], whole[0])
+    torch.testing.assert_close(early[1], whole[1])
+    assert early[2].keys() == whole[2].keys() and all(torch.equal(early[2][n], whole[2][n]) for n in whole[2])
+    assert not any(n.startswith("up_blocks") for n in early[2])  # the GAN loss trains only the encoder
+
+
+def test_gan_logits_run_a_wrapped_critic_whole_and_checkpointed_blocks_still_recompute():
+    """A transformer's feature module is its last block, which gradient checkpointing may run again
+    in the backward, and the critic's fake-score loss runs it whole: by then the stopping hook is gone."""
+    teacher = resolve_teacher("tiny:sd3")
+    method = build_method({"name": "dmd2", "gan_weight": 1e-3}, teacher, _cfg())
+    critic = method.nets["critic"]
+    wrapper = nn.Module()
+    wrapper.module = critic
+    assert not can_stop_early(wrapper) and can_stop_early(critic)
+    critic.backbone.enable_gradient_checkpointing()
+    critic.train()
+    x = torch.randn(2, *teacher.latent_shape, requires_grad=True)
+    cond = encode_prompts(teacher.pipe, ["a cat", "a dog"], "cpu")
+    method.engine.gan_logits(x, torch.full((2,), 0.5 * teacher.schedule.t_max), cond).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert critic(x, torch.full((2,), 1.0), cond).shape == x.shape  # and later whole forwards are whole

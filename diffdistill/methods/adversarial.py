@@ -38,14 +38,14 @@ def per_sample(loss: torch.Tensor) -> torch.Tensor:
 
 def generator_gan_loss(engine, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample softplus(-l(x~)) on generated x~, and the logits (with graph) for other uses."""
-    logits, _ = engine.gan_logits(x_t, t, cond)
+    logits = engine.gan_logits(x_t, t, cond)
     return per_sample(F.softplus(-logits)), logits
 
 
 def discriminator_loss(engine, fake: tuple, real: tuple, cond: dict) -> tuple[torch.Tensor, dict]:
     """Per-sample softplus(l(x~_fake)) + softplus(-l(x~_real)); ``fake``/``real`` are (x~, t) pairs."""
-    fake_logits, _ = engine.gan_logits(*fake, cond)
-    real_logits, _ = engine.gan_logits(*real, cond)
+    fake_logits = engine.gan_logits(*fake, cond)
+    real_logits = engine.gan_logits(*real, cond)
     loss = per_sample(F.softplus(fake_logits) + F.softplus(-real_logits))
     return loss, {"loss_gan_d": loss.mean().item(), "real_logit": real_logits.mean().item(), "fake_logit": fake_logits.mean().item()}
 

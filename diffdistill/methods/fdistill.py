@@ -154,7 +154,7 @@ class FDistill:
         logits = None
         if "gan_head" in self.nets:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.options.gan_weight > 0):  # graph to x for the GAN term
-                logits, _ = self.engine.gan_logits(add_noise(self.schedule, x, eps, t), t, cond)
+                logits = self.engine.gan_logits(add_noise(self.schedule, x, eps, t), t, cond)
         if self.density_ratio is not None:
             r = self.density_ratio(add_noise(self.schedule, x.detach(), eps, t), t, cond)
         else:
