@@ -36,11 +36,11 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from train_step import PROMPTS, sd15_shaped_teacher  # noqa: E402
+from train_step import PROMPTS, sd15_shaped_teacher
 
-from diffdistill.conditioning import encode_prompts  # noqa: E402
-from diffdistill.methods import build_method  # noqa: E402
-from diffdistill.scores import FeatureTap  # noqa: E402
+from diffdistill.conditioning import encode_prompts
+from diffdistill.methods import build_method
+from diffdistill.scores import FeatureTap
 
 
 def whole_logits(engine, x_t, t, cond):
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     ways = {"whole": whole_logits, "stopped": lambda engine, *a: engine.gan_logits(*a)}
     rows = {}
     for phase, train_critic in (("generator", False), ("critic", True)):
-        runs = {way: (lambda f=f: gan_pass(method, f, x, t, cond, train_critic)) for way, f in ways.items()}
+        runs = {way: (lambda f=f, train=train_critic: gan_pass(method, f, x, t, cond, train)) for way, f in ways.items()}
         for run in runs.values():  # warm-up
             run()
         seconds = {way: [] for way in runs}
