@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     enc = verbs.add_parser("encode-latents", help="encode a recipe's images with its teacher's VAE once, as latent shards",
-                           description="Run the teacher's VAE once over the recipe's image data (data.source digits or imagefolder) and "
-                                       "write latent shards that training reads with data.source=latents data.path=DIR.")
+                           description="Run the teacher's VAE once over the recipe's image data (data.source digits, imagefolder, webdataset "
+                                       "or hf_dataset) and write latent shards that training reads with data.source=latents data.path=DIR.")
     enc.add_argument("recipe", help="recipe YAML whose teacher and data to use")
     enc.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe key, e.g. data.path=/data/images")
     enc.add_argument("--to", required=True, help="new folder for the shards and their index.json")

@@ -23,10 +23,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "prompts"            # prompts | digits | imagefolder | webdataset (tar shards) | latents (`diffdistill encode-latents`)
+    source: str = "prompts"            # prompts | digits | imagefolder | webdataset (tar shards) | hf_dataset (a local `datasets`
+                                       # folder) | latents (`diffdistill encode-latents`)
     prompts: list[str] = field(default_factory=list)  # inline prompts (source=prompts)
     prompts_file: str | None = None    # one prompt a line (source=prompts), e.g. the COCO-30k caption list
-    path: str | None = None            # imagefolder root with metadata.jsonl ({"file_name", "text"} a line); webdataset: tar files (glob); latents folder
+    path: str | None = None            # imagefolder root with metadata.jsonl ({"file_name", "text"} a line); webdataset: tar files (glob);
+                                       # hf_dataset: a save_to_disk folder or a folder of .parquet/.arrow files; latents folder
+    image_column: str = "image"        # hf_dataset: the column of images
+    caption_column: str = "text"       # hf_dataset: the column of captions (the prompts the teacher is conditioned on)
+    split: str = "train"               # hf_dataset: the split of a DatasetDict folder, or of split-named data files
     resolution: int | None = None      # image side in pixels; None: the backbone's sample_size x VAE factor
     uncond_prob: float = 0.0           # share of prompts replaced by "" (0.1 when training a teacher, so CFG works)
 
@@ -201,7 +206,7 @@ def _parse_override_value(key: str, raw: str):
 CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "teacher_dtype": ("float32", "bfloat16", "float16"),
-    "data.source": ("prompts", "digits", "imagefolder", "webdataset", "latents"),
+    "data.source": ("prompts", "digits", "imagefolder", "webdataset", "hf_dataset", "latents"),
 }
 
 

@@ -3,6 +3,7 @@ import diffdistill), the LoRA loads with load_lora_weights and reproduces the st
 reported error, the single file round-trips, and bad input fails with errors naming the fix."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -239,33 +240,61 @@ def test_kohya_layout_refuses_bias_changes(unet_student, tmp_path):
 
 
 ORIGINAL_CHILD = r"""
+import json
 import sys
 sys.modules["diffdistill"] = None  # plain diffusers only
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+import diffusers
 
-single, folder, config = sys.argv[1:4]
-loaded = StableDiffusionPipeline.from_single_file(single, config=config, local_files_only=True)
-exported = DiffusionPipeline.from_pretrained(folder)
-for name in ("unet", "vae", "text_encoder"):
-    a, b = getattr(loaded, name).state_dict(), getattr(exported, name).state_dict()
-    extra = set(b) - set(a)  # the folder's UNet adds a zero guidance embedding that switches CFG off in diffusers
-    assert set(a) <= set(b) and all("cond_proj" in k for k in extra), (name, sorted(extra)[:3])
-    print(name, max((a[k].float() - b[k].float()).abs().max().item() for k in a))
+for pipeline, single, folder, config in json.loads(sys.argv[1]):
+    loaded = getattr(diffusers, pipeline).from_single_file(single, config=config, local_files_only=True)
+    exported = diffusers.DiffusionPipeline.from_pretrained(folder)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(exported, name, None) is None:
+            continue
+        a, b = getattr(loaded, name).state_dict(), getattr(exported, name).state_dict()
+        extra = set(b) - set(a)  # the folder's UNet adds a zero guidance embedding that switches CFG off in diffusers
+        assert set(a) <= set(b) and all("cond_proj" in k for k in extra), (name, sorted(extra)[:3])
+        print(pipeline, name, max((a[k].float() - b[k].float()).abs().max().item() for k in a))
 """
+ORIGINAL_PREFIXES = {
+    "StableDiffusionPipeline": ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."),
+    "StableDiffusionXLPipeline": ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.",
+                                  "conditioner.embedders.1.model."),
+}
+
+
+def original_and_folder(run, teacher_dir, pipeline: str, out: Path) -> list[str]:
+    """Both exports of ``run`` and a weight-less copy of its teacher folder (so every tensor diffusers loads comes
+    from our file): the child's arguments for one pipeline."""
+    info = export_run(run, out / "student.safetensors", "original")
+    assert info["sampling"]["timesteps"] == [999, 749, 499, 249]
+    keys = set(load_file(str(out / "student.safetensors")))
+    assert all(k.startswith(ORIGINAL_PREFIXES[pipeline]) for k in keys), sorted(keys)[:5]
+    export_run(run, out / "folder")
+    configs = shutil.copytree(teacher_dir, out / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
+    return [pipeline, str(out / "student.safetensors"), str(out / "folder"), str(configs)]
 
 
 def test_original_layout_loads_with_from_single_file_as_the_folder_export(runs, tmp_path, tiny_unet_dir):
-    info = export_run(runs["unet"], tmp_path / "student.safetensors", "original")
-    assert info["sampling"]["timesteps"] == [999, 749, 499, 249]
-    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."))
-               for k in load_file(str(tmp_path / "student.safetensors")))
-    export_run(runs["unet"], tmp_path / "folder")
-    out = subprocess.run([sys.executable, "-c", ORIGINAL_CHILD, str(tmp_path / "student.safetensors"), str(tmp_path / "folder"),
-                          str(tiny_unet_dir)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    """SD1.5 and SDXL (label_emb, the CLIP-L encoder in transformers' layout, the bigG one in OpenCLIP's):
+    diffusers' from_single_file reads each file back as the folder export, in one child process."""
+    from diffdistill.backbones.tiny import write_tiny_pipeline
+
+    sdxl = train(load_recipe(RECIPE, [f"out={tmp_path / 'sdxl-run'}", *FAST, "teacher=tiny:sdxl"]))
+    sdxl_teacher = write_tiny_pipeline(tmp_path / "sdxl-teacher", "sdxl")
+    jobs = [original_and_folder(runs["unet"], tiny_unet_dir, "StableDiffusionPipeline", tmp_path / "sd"),
+            original_and_folder(sdxl, sdxl_teacher, "StableDiffusionXLPipeline", tmp_path / "xl")]
+    out = subprocess.run([sys.executable, "-c", ORIGINAL_CHILD, json.dumps(jobs)], check=False, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    diffs = dict(line.split() for line in out.stdout.splitlines())
-    assert sorted(diffs) == ["text_encoder", "unet", "vae"] and all(float(d) == 0.0 for d in diffs.values()), diffs
-    with pytest.raises(ExportError, match="original"):
+    diffs = {tuple(line.split()[:2]): float(line.split()[2]) for line in out.stdout.splitlines()}
+    assert sorted(diffs) == [("StableDiffusionPipeline", n) for n in ("text_encoder", "unet", "vae")] + [
+        ("StableDiffusionXLPipeline", n) for n in ("text_encoder", "text_encoder_2", "unet", "vae")]
+    assert all(d <= 1e-4 for d in diffs.values()), diffs
+    xl = load_file(jobs[1][1])
+    assert xl["model.diffusion_model.label_emb.0.0.weight"].shape[1] == 68  # pooled 20 + six size ids x 8
+    assert xl["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 20, 20)
+    with pytest.raises(ExportError, match="SD1.5/2.x and SDXL"):
         export_run(runs["dit"], tmp_path / "dit.safetensors", "original")
 
 

@@ -1,5 +1,6 @@
 """Latents encoded once (`diffdistill encode-latents`) and read back as a data source."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,18 +66,55 @@ def write_images(root: Path, count: int = 12) -> list[tuple[str, bytes, str]]:
     return samples
 
 
-def test_webdataset_shards_give_the_imagefolders_items(tmp_path):
+def write_hf_datasets(root: Path, samples: list[tuple[str, bytes, str]]) -> None:
+    """The same samples as Hugging Face datasets: save_to_disk of a Dataset and of a DatasetDict (a 'test' split
+    beside), and parquet files written by plain pyarrow (no datasets metadata: the image column is bytes)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"image": [{"bytes": png, "path": None} for _, png, _ in samples], "text": [caption for _, _, caption in samples]}
+    dataset = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    dataset.save_to_disk(str(root / "saved"))
+    datasets.DatasetDict({"train": dataset, "test": dataset.select([3, 1])}).save_to_disk(str(root / "splits"))
+    (root / "parquet" / "data").mkdir(parents=True)
+    half = len(samples) // 2
+    for name, part in (("train-00000-of-00002", samples[:half]), ("train-00001-of-00002", samples[half:]),
+                       ("test-00000-of-00001", samples[:2])):
+        table = pa.table({"image": [{"bytes": png, "path": None} for _, png, _ in part], "text": [caption for _, _, caption in part]})
+        pq.write_table(table, root / "parquet" / "data" / f"{name}.parquet")
+    dataset.rename_column("text", "caption").save_to_disk(str(root / "no-text"))
+
+
+def test_webdataset_shards_and_hf_datasets_give_the_imagefolders_items(tmp_path, monkeypatch):
+    import datasets
+
+    from diffdistill.config import ConfigError
     from diffdistill.teachers import resolve_teacher
 
-    write_images(tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # load_dataset's arrow cache, not ~/.cache
+    write_hf_datasets(tmp_path, write_images(tmp_path))
     teacher, tiny = resolve_teacher("tiny:unet"), load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "sft.yaml")
     sources = {}
-    for source, path in (("imagefolder", tmp_path / "folder"), ("webdataset", tmp_path / "shards" / "*.tar")):
-        tiny.data.source, tiny.data.path = source, str(path)
-        sources[source] = build_data_source(tiny, teacher)
-    for start in (0, 5, 17):
-        a, b = sources["imagefolder"].items(start, 4), sources["webdataset"].items(start, 4)
-        assert a["prompts"] == b["prompts"] and torch.equal(a["x0"], b["x0"])
-    tiny.data.path = str(tmp_path / "nothing" / "*.tar")
+    for source, path in (("imagefolder", "folder"), ("webdataset", "shards/*.tar"), ("hf_dataset", "saved"), ("hf_dataset", "splits"),
+                         ("hf_dataset", "parquet")):
+        tiny.data.source, tiny.data.path = source, str(tmp_path / path)
+        sources[path] = build_data_source(tiny, teacher)
+    for path, other in sources.items():
+        assert len(other) == 12, path  # the 'test' split is not read
+        for start in (0, 5, 17):
+            a, b = sources["folder"].items(start, 4), other.items(start, 4)
+            assert a["prompts"] == b["prompts"] and torch.equal(a["x0"], b["x0"]), (path, start)
+    tiny.data.source, tiny.data.path = "webdataset", str(tmp_path / "nothing" / "*.tar")
     with pytest.raises(FileNotFoundError, match="matches no .tar shard"):
+        build_data_source(tiny, teacher)
+    tiny.data.source, tiny.data.path = "hf_dataset", str(tmp_path / "no-text")
+    no_caption = r"data.caption_column='text' is not a column .*\(its columns: image, caption\); set data.caption_column to"
+    with pytest.raises(ConfigError, match=no_caption):
+        build_data_source(tiny, teacher)
+    tiny.data.path, tiny.data.split = str(tmp_path / "splits"), "validation"
+    with pytest.raises(ConfigError, match="data.split='validation' is not a split .* train, test"):
+        build_data_source(tiny, teacher)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(ConfigError, match="pip install datasets"):
         build_data_source(tiny, teacher)

@@ -19,7 +19,7 @@ TINY = ["teacher=tiny:unet", "batch_size=2", "max_steps=2", "checkpoint_every=10
 def tiny_overrides(recipe: Path, tmp_path: Path) -> list[str]:
     cfg = load_recipe(recipe)
     extra = []
-    if cfg.data.source in ("imagefolder", "webdataset", "latents"):
+    if cfg.data.source in ("imagefolder", "webdataset", "hf_dataset", "latents"):
         extra.append("data.source=digits")
     method = cfg.method
     if "regression_pairs" in method:

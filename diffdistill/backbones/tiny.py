@@ -158,18 +158,19 @@ def _sd3_pipeline(seed: int):
 
 
 def _sdxl_pipeline(seed: int):
-    # Two CLIP encoders of width 16 concatenate to cross_attention_dim 32; the second's pooled 16 and six
-    # size/crop ids embedded at 8 each make the added embedding's input 16 + 6 x 8 = 64.
+    # Two CLIP encoders of widths 12 and 20 concatenate to cross_attention_dim 32; the second's pooled 20 and six
+    # size/crop ids embedded at 8 each make the added embedding's input 20 + 6 x 8 = 68. The widths differ as
+    # SDXL's do (768 and 1280): diffusers' single-file reader tells the two encoders apart by width.
     tok1, tok2 = tiny_tokenizer(), tiny_tokenizer()
-    unet = tiny_unet(seed, addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=64)
+    unet = tiny_unet(seed, addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=68)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon", timestep_spacing="trailing",
     )
     return StableDiffusionXLPipeline(
         vae=tiny_vae(seed + 1), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-        text_encoder=tiny_text_encoder(tok1, seed + 2, hidden=16), tokenizer=tok1,
-        text_encoder_2=tiny_text_encoder(tok2, seed + 3, with_projection=True, hidden=16), tokenizer_2=tok2,
+        text_encoder=tiny_text_encoder(tok1, seed + 2, hidden=12), tokenizer=tok1,
+        text_encoder_2=tiny_text_encoder(tok2, seed + 3, with_projection=True, hidden=20), tokenizer_2=tok2,
     )
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from diffdistill.data.digits import digit_prompt, load_digits_images
+from diffdistill.data.hf_dataset import HFDatasetImages
 from diffdistill.data.latent_shards import LatentShards, write_latent_shards
 from diffdistill.data.webdataset import WebDatasetShards
 from diffdistill.randomness import derive_seed
@@ -77,8 +78,11 @@ def image_source(cfg, teacher):
     if cfg.data.source == "webdataset":
         samples = WebDatasetShards(cfg.data.path)
         return samples.captions, lambda a, b: _pixels([samples.image(i) for i in range(a, min(b, len(samples)))], size)
+    if cfg.data.source == "hf_dataset":
+        rows = HFDatasetImages(cfg.data.path, cfg.data.split, cfg.data.image_column, cfg.data.caption_column)
+        return rows.captions, lambda a, b: _pixels(rows.images(a, b), size)
     if cfg.data.source != "imagefolder":
-        raise ValueError(f"data.source={cfg.data.source!r} has no images to encode: use digits, imagefolder or webdataset")
+        raise ValueError(f"data.source={cfg.data.source!r} has no images to encode: use digits, imagefolder, webdataset or hf_dataset")
     root = Path(cfg.data.path or "")
     meta = root / "metadata.jsonl"
     if not meta.is_file():
@@ -127,7 +131,8 @@ def _prompts(cfg, teacher):
     return prompts, None
 
 
-_SOURCES = {"digits": _images, "imagefolder": _images, "webdataset": _images, "latents": _latents, "prompts": _prompts}
+_SOURCES = {"digits": _images, "imagefolder": _images, "webdataset": _images, "hf_dataset": _images, "latents": _latents,
+            "prompts": _prompts}
 
 
 def build_data_source(cfg, teacher) -> DataSource:

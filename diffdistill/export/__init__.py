@@ -5,7 +5,7 @@
 * ``single-file`` -- one ``.safetensors`` with the weights and the metadata to rebuild it (:mod:`.single_file`);
 * ``lora``        -- adapters for ``pipe.load_lora_weights`` on the teacher (:mod:`.lora`);
 * ``original``    -- one ``.safetensors`` in the original SD layout (UNet, VAE, text encoder) that
-  ComfyUI and A1111/Forge load (:mod:`.original`; SD1.5/2.x).
+  ComfyUI and A1111/Forge load (:mod:`.original`; SD1.5/2.x and SDXL).
 
 Every format is written beside ``OUT`` under a hidden temporary name and renamed into place when
 complete, so ``OUT`` is never a half-written export; an existing ``OUT`` is replaced only with

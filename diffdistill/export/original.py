@@ -1,9 +1,10 @@
-"""The original Stable Diffusion (LDM) checkpoint layout, for tools that read single files.
+"""The original Stable Diffusion (LDM / SGM) checkpoint layout, for tools that read single files.
 
 ComfyUI, AUTOMATIC1111/Forge and Krita load one ``.safetensors`` in the layout of the original
 CompVis/Stability code: the UNet under ``model.diffusion_model.``, the VAE under
-``first_stage_model.``, the CLIP text encoder under ``cond_stage_model.transformer.``. This module
-renames diffusers' keys into that layout, written from the two code bases' module structures:
+``first_stage_model.``, the text encoder(s) under ``cond_stage_model.transformer.`` (SD1.5/2.x) or
+``conditioner.embedders.{0,1}.`` (SDXL). This module renames diffusers' keys into that layout,
+written from the code bases' module structures:
 
 * UNet: ``input_blocks`` number the down path's layers in order (``conv_in`` first, then each block's
   resnets with their attentions, then its downsampler), ``output_blocks`` the up path's, with the
@@ -11,10 +12,17 @@ renames diffusers' keys into that layout, written from the two code bases' modul
   ``out_layers``, ``skip_connection``; the transformer blocks inside keep diffusers' names.
 * VAE: ``down.i.block.j`` / ``up.i.block.j`` (the up path numbered from the bottom), mid
   ``block_1``/``attn_1``/``block_2``, and the mid attention as 1x1 convolutions ``q, k, v, proj_out``.
-* Text encoder: transformers' CLIP keys under the prefix, with their ``text_model.`` level.
+  SDXL's added (pooled text + size) embedding is ``label_emb.0.0`` / ``label_emb.0.2``.
+* Text encoder: transformers' CLIP keys under the prefix, with their ``text_model.`` level; SDXL's
+  first (CLIP ViT-L) the same way under ``conditioner.embedders.0.transformer.``.
+* SDXL's second text encoder (OpenCLIP ViT-bigG) in OpenCLIP's own layout under
+  ``conditioner.embedders.1.model.``: ``transformer.resblocks.i`` with ``ln_1``/``ln_2``,
+  ``mlp.c_fc``/``mlp.c_proj``, and q, k, v fused into one ``attn.in_proj_weight`` (rows q, then k,
+  then v); ``token_embedding``, a bare ``positional_embedding``, ``ln_final``, and ``text_projection``
+  as the matrix P of ``pooled @ P`` (the transpose of transformers' Linear weight).
 
-SD1.5 / 2.x pipelines only (SDXL's second text encoder is stored in OpenCLIP's layout, not written
-here). The check is diffusers' own reader: ``StableDiffusionPipeline.from_single_file(file,
+SD1.5/2.x and SDXL pipelines; the transformers (SD3, DiT, PixArt, Flux) have no layout here. The
+check is diffusers' own reader: ``StableDiffusion(XL)Pipeline.from_single_file(file,
 config=teacher_folder)`` loads it back (tests/test_export.py).
 """
 
@@ -23,6 +31,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from diffdistill.export.student import ExportError, Student
@@ -31,6 +40,10 @@ UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_mo
 RESNET_PARTS = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"), ("norm2", "out_layers.0"),
                 ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
 VAE_ATTENTION_PARTS = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
+ADDED_EMBEDDING = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's text_time
+OPEN_CLIP_NAMES = {"embeddings.token_embedding": "token_embedding", "final_layer_norm": "ln_final"}
+OPEN_CLIP_PARTS = (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                   ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
 
 
 def unet_module_names(config) -> dict:
@@ -71,8 +84,12 @@ def rename(key: str, modules: dict, parts=()) -> str:
 
 def unet_to_original(state: dict, config) -> dict:
     modules = unet_module_names(config)
-    if config.get("addition_embed_type"):
-        raise ExportError("--format original writes SD1.5/2.x UNets; this one has SDXL's added conditioning: use --format diffusers")
+    added = config.get("addition_embed_type")
+    if added == "text_time":
+        modules.update(ADDED_EMBEDDING)
+    elif added or config.get("class_embed_type"):
+        raise ExportError(f"--format original writes SD1.5/2.x and SDXL UNets; this one has a {added or config['class_embed_type']!r} "
+                          "added embedding: use --format diffusers or single-file")
     if config.get("time_cond_proj_dim"):
         raise ExportError("this student has a guidance embedding (time_cond_proj), which the original layout has no place for: "
                           "use --format diffusers or single-file")
@@ -114,14 +131,44 @@ def vae_to_original(state: dict, config) -> dict:
     return out
 
 
+def clip_to_original(encoder) -> dict:
+    # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); the original layout has it
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in encoder.state_dict().items()}
+
+
+def open_clip_to_original(encoder) -> dict:
+    """A CLIPTextModelWithProjection in OpenCLIP's layout (SDXL's bigG encoder): the names above."""
+    state = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    out = {"positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "text_projection": state.pop("text_projection.weight").T}
+    layers = encoder.config.num_hidden_layers
+    for i in range(layers):
+        for kind in ("weight", "bias"):  # OpenCLIP's nn.MultiheadAttention holds q, k, v as one matrix
+            fused = [state.pop(f"encoder.layers.{i}.self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(fused)
+    modules = {**OPEN_CLIP_NAMES, **{f"encoder.layers.{i}": f"transformer.resblocks.{i}" for i in range(layers)}}
+    out.update({rename(k, modules, OPEN_CLIP_PARTS): v for k, v in state.items()})
+    return out
+
+
+# pipeline class -> (component, its writer, its prefix) for each text encoder
+TEXT_ENCODERS = {
+    "StableDiffusionPipeline": (("text_encoder", clip_to_original, TEXT),),
+    "StableDiffusionXLPipeline": (("text_encoder", clip_to_original, "conditioner.embedders.0.transformer."),
+                                  ("text_encoder_2", open_clip_to_original, "conditioner.embedders.1.model.")),
+}
+
+
 def pipeline_to_original(pipe, unet_state: dict) -> dict:
-    """One state dict in the original layout: the student's UNet, the teacher's VAE and text encoder."""
-    if type(pipe).__name__ != "StableDiffusionPipeline":
-        raise ExportError(f"--format original writes SD1.5/2.x checkpoints; {type(pipe).__name__} has no such layout here: use --format diffusers")
+    """One state dict in the original layout: the student's UNet, the teacher's VAE and text encoder(s)."""
+    name = type(pipe).__name__
+    if name not in TEXT_ENCODERS:
+        raise ExportError(f"--format original writes SD1.5/2.x and SDXL checkpoints ({', '.join(TEXT_ENCODERS)}); {name} has no "
+                          "original layout here: use --format diffusers or single-file")
     state = unet_to_original(unet_state, pipe.unet.config)
     state.update(vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
-    # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); the original layout has it
-    state.update({TEXT + (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in pipe.text_encoder.state_dict().items()})
+    for component, write, prefix in TEXT_ENCODERS[name]:
+        state.update({prefix + k: v for k, v in write(getattr(pipe, component)).items()})
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -134,4 +181,4 @@ def write_original(student: Student, out: Path, steps: int) -> dict:
     return {"format": "original", "steps": steps, "tensors": len(state), "sampling": sampling}
 
 
-__all__ = ["pipeline_to_original", "unet_to_original", "vae_to_original", "write_original"]
+__all__ = ["open_clip_to_original", "pipeline_to_original", "unet_to_original", "vae_to_original", "write_original"]
