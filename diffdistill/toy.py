@@ -96,15 +96,23 @@ class ExactDenoiserNet(nn.Module):
 class MLPDenoiserNet(nn.Module):
     """A from-scratch MLP denoiser with EDM preconditioning (Karras et al. 2022, Table 1),
     written for VP: with x~ = x_t / alpha and s = sigma / alpha,
-    D = c_skip x~ + c_out F(c_in x~, log s), c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2)."""
+    D = c_skip x~ + c_out F(c_in x~, log s), c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2).
+
+    ``time_cond_proj_dim`` > 0: a second time input, ``cond["timestep_cond"]`` (an embedding of that
+    width), projected by ``cond_proj`` (no bias, zero at first) and added to the time features, as a
+    diffusers UNet's ``time_cond_proj_dim`` does (MeanFlow's interval t - r)."""
 
     backbone_kind = "plain"
 
     def __init__(self, schedule, dim: int = 2, width: int = 256, depth: int = 3, sigma_data: float = 1.0, frequencies: int = 8,
-                 max_frequency: float = 100.0):
+                 max_frequency: float = 100.0, time_cond_proj_dim: int = 0):
         super().__init__()
         self.schedule, self.sigma_data = schedule, sigma_data
         self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_frequency), frequencies)))
+        self.cond_proj = None
+        if time_cond_proj_dim > 0:
+            self.cond_proj = nn.Linear(time_cond_proj_dim, 2 * frequencies, bias=False)
+            nn.init.zeros_(self.cond_proj.weight)
         layers, width_in = [], dim + 2 * frequencies
         for _ in range(depth):
             layers += [nn.Linear(width_in, width), nn.SiLU()]
@@ -119,7 +127,10 @@ class MLPDenoiserNet(nn.Module):
         c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
         c_in = 1 / (s**2 + sd**2).sqrt()
         phase = (s.log() / 4)[:, None] * self.freqs[None]
-        h = self.features(torch.cat([append_dims(c_in, x.ndim) * x_tilde, phase.sin(), phase.cos()], 1))
+        time = torch.cat([phase.sin(), phase.cos()], 1)
+        if self.cond_proj is not None and "timestep_cond" in cond:
+            time = time + self.cond_proj(cond["timestep_cond"].to(time.dtype))
+        h = self.features(torch.cat([append_dims(c_in, x.ndim) * x_tilde, time], 1))
         return append_dims(c_skip, x.ndim) * x_tilde + append_dims(c_out, x.ndim) * self.out(h)
 
 
@@ -132,7 +143,7 @@ def toy_teacher(mixture: GaussianMixture, schedule=None, generator_width=256, ge
     return Teacher(
         pipe=None, backbone=ExactDenoiserNet(mixture, schedule), component="exact", kind="plain", schedule=schedule,
         prediction_type="sample", path=f"exact:{mixture.name}",
-        make_student=lambda: MLPDenoiserNet(schedule, dim, generator_width, generator_depth, sd, max_frequency=generator_max_frequency),
+        make_student=lambda **extra: MLPDenoiserNet(schedule, dim, generator_width, generator_depth, sd, max_frequency=generator_max_frequency, **extra),
         make_critic=lambda: MLPDenoiserNet(schedule, dim, critic_width, critic_depth, sd), data_shape=(dim,),
     )
 
