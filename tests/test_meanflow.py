@@ -14,7 +14,7 @@ from torch import nn
 from diffdistill.backbones.loading import Teacher
 from diffdistill.config import ConfigError, TrainConfig
 from diffdistill.methods import build_method
-from diffdistill.methods.meanflow import MeanFlowTimes, flow_frame, flow_range, meanflow_loss, teacher_velocity, total_derivative
+from diffdistill.methods.meanflow import flow_frame, flow_range, meanflow_loss, meanflow_times, teacher_velocity, total_derivative
 from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import FlowSchedule, VPSchedule
 from diffdistill.toy import SD15_SCHEDULE
@@ -157,7 +157,7 @@ def test_time_pairs_follow_the_papers_sampler():
     """t = max and r = min of two logit-normal(-0.4, 1) draws, r = t for 75%; on a flow schedule
     P(logit t <= x) = Phi((x + 0.4))^2, and t stays in a VP schedule's flow range."""
     n = 40000
-    r, t = MeanFlowTimes(-0.4, 1.0, 0.75)(SCHEDULES["flow"], n, BatchRandom(0))
+    r, t = meanflow_times(SCHEDULES["flow"], n, BatchRandom(0), -0.4, 1.0, 0.75)
     assert (r <= t).all() and abs(float((r == t).double().mean()) - 0.75) < 0.01
     normal = torch.distributions.Normal(-0.4, 1.0)
     for x in (-1.5, -0.4, 0.5, 1.5):
@@ -166,7 +166,7 @@ def test_time_pairs_follow_the_papers_sampler():
     moved = r < t  # r is the smaller draw there: P(logit r <= x) = 1 - (1 - Phi)^2
     assert abs(float((torch.logit(r[moved]) <= -0.4).double().mean()) - 0.75) < 0.015
     lo, hi = flow_range(SCHEDULES["vp"])
-    r, t = MeanFlowTimes(-0.4, 1.0, 0.75)(SCHEDULES["vp"], 4000, BatchRandom(1))
+    r, t = meanflow_times(SCHEDULES["vp"], 4000, BatchRandom(1), -0.4, 1.0, 0.75)
     assert 0.02 < lo < 0.03 and 0.93 < hi < 0.94 and t.min() >= lo and t.max() <= hi and (r <= t).all()
 
 

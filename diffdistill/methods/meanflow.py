@@ -1,34 +1,31 @@
 """MeanFlow, distilled: one- and few-step students that learn the teacher's average velocity.
 
 Geng, Deng, Bai, Kolter & He (2025), "Mean Flows for One-step Generative Modeling" (arXiv 2505.13447);
-settings read in the official code (Gsunshine/meanflow ``meanflow.py`` and ``configs/default.py``, JAX,
-ImageNet; Gsunshine/py-meanflow, CIFAR-10). On the flow path z_t = (1 - t) x + t eps, dz/dt = v(z_t, t):
+settings from the official code (Gsunshine/meanflow, JAX, ImageNet; Gsunshine/py-meanflow, CIFAR-10).
+On the flow path z_t = (1 - t) x + t eps, dz/dt = v(z_t, t):
 
     u(z_t, r, t) = 1/(t - r) int_r^t v(z_s, s) ds                       average velocity, u(z, t, t) = v
     u(z_t, r, t) = v(z_t, t) - (t - r) du/dt,  du/dt = v d_z u + d_t u   the MeanFlow identity (Eq. 6)
     L = ||u_theta - sg(u_tgt)||^2 / sg(||u_theta - u_tgt||^2 + c)^p,  u_tgt = v - (t - r) du_theta/dt
 
-du_theta/dt is one ``torch.func.jvp`` of the student with tangents (v, 0, 1) for (z, r, t), without
-gradient (as sCM's, :mod:`diffdistill.methods.trigflow`, whose attention and precision checks it reuses);
-a second forward pass carries the gradient. **Distillation form** (ours): v is the teacher's guided
-velocity v_u + w (v_c - v_u) at (z_t, t), z_t from data, in place of the paper's eps - x; the loss
-is then zero exactly at the teacher's average velocity (tests/test_meanflow.py, Gaussian data).
+du_theta/dt: one ``torch.func.jvp`` of the student, tangents (v, 0, 1) for (z, r, t), no gradient (as
+sCM's; :mod:`diffdistill.methods.trigflow`'s attention and precision checks); a second forward carries
+the gradient. **Distillation form** (ours): v is the teacher's guided velocity v_u + w (v_c - v_u) at
+(z_t, t), z_t from data, not the paper's eps - x; the loss is zero at the teacher's exact average
+velocity (tests/test_meanflow.py). (r, t) as the paper's ImageNet setting: two logit-normal(-0.4, 1)
+draws, t the larger, r = t for 75% of pairs; adaptive weight p = 1, c = 0.01 (the JAX code's norm_eps).
+Sampling: z_r = z_t - (t - r) u(z_t, r, t); one step x = z_1 - u(z_1, 0, 1); K steps on t = 1, ..., 1/K, 0.
 
-(r, t) as the paper's ImageNet setting: two logit-normal(-0.4, 1.0) draws, t the larger, and r = t
-for 75% of pairs (25% r != t); adaptive weight p = 1, c = 0.01 (the JAX code's ``norm_eps``).
-Sampling: z_r = z_t - (t - r) u(z_t, r, t); one step x = z_1 - u(z_1, 0, 1), K steps on t = 1, (K-1)/K, ..., 0.
+**Any schedule**: a VP network is a flow network in the frame z = x_t / (alpha + sigma), flow time
+t = sigma / (alpha + sigma) (identity for flow teachers); t stays in the schedule's range (SD1.5: [0.028,
+0.936]; sampling starts there from x_T = noise, as every sampler here does), r may reach 0. **Student**
+u_theta = (z - D_theta)/t (a flow net's native output), D_theta its x0 at (z, t) with h = t - r as a
+second time input: sinusoids of ``interval_scale`` h through LCM's ``cond_proj`` (``time_cond_proj_dim``),
+zero at first so the student starts as the teacher (u = v for every r); as py-meanflow's U-Net joins t's
+and h's embeddings before its time MLP. UNet and toy students have it; transformers not yet (ConfigError).
 
-**Any schedule**: a VP network is a flow network in the frame z = x_t / (alpha_t + sigma_t), flow time
-t = sigma_t / (alpha_t + sigma_t) (identity for flow teachers); t is kept in the schedule's range (SD1.5:
-[0.028, 0.936]; the sampler starts there from x_T = noise, as every sampler here does), r may reach 0.
-**Student** u_theta(z, r, t) = (z - D_theta)/t, D_theta its x0 at (z, t) with h = t - r as a second time
-input (u = its native output for a flow net): LCM's ``cond_proj`` path (``time_cond_proj_dim``), zero at
-first so the student starts as the teacher (u = v for every r), sinusoids of ``interval_scale`` h. As the
-paper's U-Net (t and h embeddings joined before the time MLP) and DiT (h embedder added to t's).
-UNet and toy-MLP students have it; transformers do not yet (a ConfigError).
-
-Not verified: the paper's own value of c; the distillation form and its guidance (the paper mixes
-CFG into v with its own net, omega and kappa; we take the guided teacher); class-dropout (not used).
+Not verified: the paper's own c; the distillation form and its guidance (the paper mixes CFG into v with
+its own net, omega and kappa; we take the guided teacher); class dropout (not used).
 """
 
 from __future__ import annotations
@@ -73,14 +70,15 @@ def teacher_velocity(engine: ScoreEngine, z, t, cond, uncond, guidance: float) -
 
 
 def average_velocity(net, z, r, t, cond, embedding_dim: int, interval_scale: float) -> torch.Tensor:
-    """u_theta(z, r, t) = (z - D_theta(x_t, t; h = t - r)) / t, in float64 (differentiable in z, r, t for the jvp)."""
-    schedule, prediction_type = net.schedule, net.prediction_type
-    t_sched, scale = flow_frame(schedule, t)
+    """u_theta(z, r, t) = (z - D_theta(x_t, t; h = t - r)) / t, in float64 (differentiable in z, r, t for the jvp).
+    ``net`` may be a DDP wrapper: its forward is what synchronizes gradients."""
+    denoiser = getattr(net, "module", net)
+    t_sched, scale = flow_frame(denoiser.schedule, t)
     x_t = append_dims(scale, z.ndim) * z
     h = guidance_embedding((t - r) * (interval_scale / 1000), embedding_dim)  # LCM's sinusoids of 1000 x their input
     native = net(x_t, t_sched, {**cond, "timestep_cond": h}, output="native").to(torch.float64)
-    alpha, sigma = (append_dims(c, z.ndim) for c in (schedule.alpha(t_sched, torch.float64), schedule.sigma(t_sched, torch.float64)))
-    return (z - param.to_x0(prediction_type, x_t, native, alpha, sigma)) / append_dims(t, z.ndim)
+    x0 = param.to_x0(denoiser.prediction_type, x_t, native, *denoiser.coefficients(t_sched, z.ndim))
+    return (z - x0) / append_dims(t, z.ndim)
 
 
 # ---- the loss ----------------------------------------------------------------------------------
@@ -103,22 +101,15 @@ def meanflow_loss(u, u_tgt, p: float = 1.0, c: float = 0.01) -> torch.Tensor:
     return squared / (squared.detach() + c) ** p
 
 
-@dataclass
-class MeanFlowTimes:
+def meanflow_times(schedule, n: int, rng, p_mean: float, p_std: float, flow_matching_share: float):
     """(r, t): two logit-normal draws, t the larger, r = t for a ``flow_matching_share`` of pairs; t kept in
     the schedule's flow range (clamped: under 0.3% of SD1.5's mass lies outside), r <= t."""
-
-    p_mean: float
-    p_std: float
-    flow_matching_share: float
-
-    def __call__(self, schedule, n: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = (torch.sigmoid(self.p_mean + self.p_std * rng.randn((n,)).double()) for _ in range(2))
-        t, r = torch.maximum(a, b), torch.minimum(a, b)
-        r = torch.where(rng.rand((n,)) < self.flow_matching_share, t, r)
-        lo, hi = flow_range(schedule)
-        t = t.clamp(lo, hi - 1e-5)  # off the end of a VP table, whose last knot has no slope for the jvp
-        return torch.minimum(r, t), t
+    a, b = (torch.sigmoid(p_mean + p_std * rng.randn((n,)).double()) for _ in range(2))
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    r = torch.where(rng.rand((n,)) < flow_matching_share, t, r)
+    lo, hi = flow_range(schedule)
+    t = t.clamp(lo, hi - 1e-5)  # off the end of a VP table, whose last knot has no slope for the jvp
+    return torch.minimum(r, t), t
 
 
 # ---- the method --------------------------------------------------------------------------------
@@ -159,7 +150,6 @@ class MeanFlow:
         self.nets = {"generator": interval_student(teacher, options.interval_embedding_dim)}
         use_jvp_attention(self.nets["generator"].backbone)
         self.engine = ScoreEngine(teacher, self.nets)
-        self.times = MeanFlowTimes(options.p_mean, options.p_std, options.flow_matching_share)
 
     def phase(self, step: int) -> str:
         return "generator"
@@ -168,24 +158,24 @@ class MeanFlow:
         return ["generator"]
 
     def u(self, net, z, r, t, cond):
-        return average_velocity(getattr(net, "module", net), z, r, t, cond, self.options.interval_embedding_dim, self.options.interval_scale)
+        return average_velocity(net, z, r, t, cond, self.options.interval_embedding_dim, self.options.interval_scale)
 
     def generator_loss(self, batch):
         if "x0" not in batch:
             raise ValueError("meanflow noises data: set data.source to imagefolder or digits")
-        o, rng, student = self.options, batch["rng"], self.nets["generator"]
+        o, rng, student, cond = self.options, batch["rng"], self.nets["generator"], batch["cond"]
+        inner = getattr(student, "module", student)  # the jvp runs on the module itself (as sCM's), the gradient pass through DDP
         x = batch["x0"].to(torch.float64)
-        r, t = (s.to(x.device) for s in self.times(self.schedule, x.shape[0], rng))
+        r, t = (s.to(x.device) for s in meanflow_times(self.schedule, x.shape[0], rng, o.p_mean, o.p_std, o.flow_matching_share))
         z = append_dims(1 - t, x.ndim) * x + append_dims(t, x.ndim) * rng.randn_like(batch["x0"]).to(torch.float64)
         with torch.no_grad():
-            v = teacher_velocity(self.engine, z, t, batch["cond"], batch["uncond"], o.guidance)
-            check_jvp_supported(student, z.device)
-        _, du_dt = total_derivative(lambda z, r, t: self.u(student, z, r, t, batch["cond"]), z, r, t, v)
-        u = self.u(student, z, r, t, batch["cond"])
+            v = teacher_velocity(self.engine, z, t, cond, batch["uncond"], o.guidance)
+            check_jvp_supported(inner, z.device)
+        _, du_dt = total_derivative(lambda z, r, t: self.u(inner, z, r, t, cond), z, r, t, v)
+        u = self.u(student, z, r, t, cond)
         loss = meanflow_loss(u, meanflow_target(v, du_dt, r, t), o.adaptive_p, o.adaptive_c)
         at_t = r == t  # there u_theta should be the teacher's velocity itself
-        logs = {"loss_meanflow": loss.mean().item(), "velocity_mse": (u - v)[at_t].square().mean().item() if at_t.any() else 0.0}
-        return loss.float(), logs
+        return loss.float(), {"loss_meanflow": loss.mean().item(), "velocity_mse": (u - v)[at_t].square().mean().item() if at_t.any() else 0.0}
 
     def critic_loss(self, batch):
         raise RuntimeError("meanflow has no critic phase")
