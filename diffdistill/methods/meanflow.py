@@ -124,7 +124,7 @@ class MeanFlowOptions:
     adaptive_p: float = 1.0                # weight 1 / sg(||delta||^2 + c)^p (ImageNet: 1; CIFAR: 0.75; 0: plain L2)
     adaptive_c: float = 0.01               # c (the JAX code's norm_eps)
     interval_embedding_dim: int = 256      # width of h = t - r's sinusoidal embedding (UNet time_cond_proj_dim)
-    interval_scale: float = 1000.0         # h embedded as sinusoids of scale * h (1000: the units diffusers nets see time in)
+    interval_scale: float = 1.0            # h embedded as sinusoids of scale * h (1: the official DiT's raw h; on ring8, 10 and 1000 learned slower)
     sample_steps: int = 1                  # default sampling steps, t = 1, (K-1)/K, ..., 0
 
 
