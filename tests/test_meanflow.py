@@ -175,28 +175,40 @@ def finite_difference(u_fn, z, r, t, v, h):
         return (u_fn(z + h * v, r, t + h) - u_fn(z - h * v, r, t - h)) / (2 * h)
 
 
-def test_jvp_total_derivative_equals_a_finite_difference_tiny_unet():
-    """du/dt = v d_z u + d_t u (r held) through a UNet student with the interval input (cond_proj set at random)."""
+def interval_students():
+    """(method, student, z, cond, h) for a tiny UNet and the toy MLP, their interval input (cond_proj) set at random;
+    h: where the central difference has converged before the float32 timestep the Denoiser passes on quantizes it
+    (a random UNet is strongly curved in t)."""
     from diffdistill.backbones.tiny import tiny_unet
+    from diffdistill.toy import ring8, toy_teacher
 
-    schedule = SCHEDULES["vp"]
-    teacher = Teacher(pipe=None, backbone=tiny_unet(0), component="unet", kind="unet", schedule=schedule, prediction_type="epsilon", path="tiny")
-    method = build_method({"name": "meanflow", "interval_embedding_dim": 16, "interval_scale": 10.0}, teacher, TrainConfig())
-    student = method.nets["generator"].double().eval()
-    torch.manual_seed(0)
-    nn.init.normal_(student.backbone.time_embedding.cond_proj.weight, std=0.5)
+    unet = Teacher(pipe=None, backbone=tiny_unet(0), component="unet", kind="unet", schedule=SCHEDULES["vp"], prediction_type="epsilon", path="tiny")
+    toy = toy_teacher(ring8(), generator_width=32, generator_depth=2, generator_max_frequency=10.0)
     g = torch.Generator().manual_seed(0)
-    z, v = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    t, r = torch.tensor([0.3, 0.8], dtype=torch.float64), torch.tensor([0.1, 0.05], dtype=torch.float64)
-    cond = {"encoder_hidden_states": torch.linspace(-1, 1, 2 * 4 * 32, dtype=torch.float64).view(2, 4, 32)}
-    u_fn = lambda z, r, t: method.u(student, z, r, t, cond)
-    u, du_dt = total_derivative(u_fn, z, r, t, v)
-    torch.testing.assert_close(u, u_fn(z, r, t))
-    # h is where the central difference has converged before the float32 timestep the Denoiser passes on quantizes it
-    fd = finite_difference(u_fn, z, r, t, v, h=1e-5)
-    torch.testing.assert_close(du_dt, fd, rtol=1e-2, atol=1e-3 * du_dt.abs().max().item())
-    # r's tangent is 0: moving r alone changes u (the interval input is live), and the jvp ignores it
-    assert (u_fn(z, r + 0.05, t) - u).abs().max() > 1e-3
+    for teacher, z, cond, h in [(unet, torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64),
+                                 {"encoder_hidden_states": torch.linspace(-1, 1, 2 * 4 * 32, dtype=torch.float64).view(2, 4, 32)}, 1e-5),
+                                (toy, torch.randn(2, 2, generator=g, dtype=torch.float64), {}, 1e-3)]:
+        method = build_method({"name": "meanflow", "interval_embedding_dim": 16, "interval_scale": 10.0}, teacher, TrainConfig())
+        student = method.nets["generator"].double().eval()
+        proj = getattr(student.backbone, "time_embedding", student.backbone).cond_proj
+        assert proj.weight.abs().max() == 0  # zero at first: the student starts with u = its velocity for every r
+        torch.manual_seed(0)
+        nn.init.normal_(proj.weight, std=0.5)
+        yield method, student, z, cond, h
+
+
+def test_jvp_total_derivative_equals_a_finite_difference():
+    """du/dt = v d_z u + d_t u (r held) through a UNet and a toy-MLP student with a live interval input."""
+    for method, student, z, cond, h in interval_students():
+        v = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        t, r = torch.tensor([0.3, 0.8], dtype=torch.float64), torch.tensor([0.1, 0.05], dtype=torch.float64)
+        u_fn = lambda z, r, t: method.u(student, z, r, t, cond)  # noqa: B023 (used within the iteration)
+        u, du_dt = total_derivative(u_fn, z, r, t, v)
+        torch.testing.assert_close(u, u_fn(z, r, t))
+        fd = finite_difference(u_fn, z, r, t, v, h)
+        torch.testing.assert_close(du_dt, fd, rtol=1e-2, atol=1e-3 * du_dt.abs().max().item())
+        # r's tangent is 0: moving r alone changes u (the interval input is live), and the jvp ignores it
+        assert (u_fn(z, r + 0.05, t) - u).abs().max() > 1e-3
 
 
 def test_transformer_teacher_is_a_config_error():
