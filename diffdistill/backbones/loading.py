@@ -43,7 +43,7 @@ class Teacher:
     schedule: object
     prediction_type: str
     path: str
-    make_student: object = None   # callable -> fresh backbone, where a copy of the teacher will not do (toy)
+    make_student: object = None   # callable(**extra) -> fresh backbone, where a copy of the teacher will not do (toy); extra: time_cond_proj_dim
     make_critic: object = None
     data_shape: tuple | None = None  # per-sample shape, where the backbone has no sample_size (toy)
 

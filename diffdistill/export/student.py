@@ -56,6 +56,9 @@ def student_timesteps(method_spec: dict, schedule) -> list[int]:
     (DMD, KD), else one step from the schedule's end. Methods that train no few-step student
     (``sft`` fine-tunes the teacher itself) are refused."""
     name, options = method_options(method_spec)
+    if name == "meanflow":
+        raise ExportError("a meanflow student takes a second time input (r, through time_cond_proj_dim) that diffusers pipelines "
+                          "do not feed; sample it with diffdistill (the method's sample), export is not supported for it yet")
     listed = getattr(options, "timesteps", None)
     if isinstance(listed, list) and listed:
         timesteps = listed
