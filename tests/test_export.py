@@ -13,6 +13,7 @@ import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
+from diffdistill.cli import _summary
 from diffdistill.config import load_recipe
 from diffdistill.run import train
 from diffdistill.export import ExportError, export_run, export_student, load_student
@@ -328,14 +329,13 @@ def original_read_back(runs, tmp_path_factory, tiny_unet_dir):
     """Every --format original layout read back by diffusers' from_single_file in one child process: SD1.5 and SDXL
     pipelines against the folder export; an SD3 student's transformer; our mapping of an SD3.5-shaped transformer
     (qk norms, a dual-attention layer, two blocks) and of Flux with and without its guidance input.
-    Returns the files by label and ``{(label, component): largest difference}``."""
+    Returns the files by label, ``{(label, component): largest difference}`` and the SD3 export's summary."""
     from diffdistill.backbones.tiny import write_tiny_pipeline
 
     root = tmp_path_factory.mktemp("original")
     sdxl = train(load_recipe(RECIPE, [f"out={root / 'sdxl-run'}", *FAST, "teacher=tiny:sdxl"]))
     sd3 = train(load_recipe(RECIPE, [f"out={root / 'sd3-run'}", *FAST, *FLOW, "teacher=tiny:sd3"]))
-    info = export_run(sd3, root / "sd3.safetensors", "original")
-    assert info["sampling"]["timesteps"] == [1.0, 0.75]
+    sd3_info = export_run(sd3, root / "sd3.safetensors", "original")
     jobs = [original_and_folder(runs["unet"], tiny_unet_dir, "StableDiffusionPipeline", root / "sd"),
             original_and_folder(sdxl, write_tiny_pipeline(root / "sdxl-teacher", "sdxl"), "StableDiffusionXLPipeline", root / "xl"),
             transformer_job("sd3", load_student(sd3).backbone, root / "sd3", root / "sd3.safetensors")]
@@ -353,12 +353,12 @@ def original_read_back(runs, tmp_path_factory, tiny_unet_dir):
                          cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     diffs = {tuple(line.split()[:2]): float(line.split()[2]) for line in out.stdout.splitlines()}
-    return {job[1]: load_file(job[3]) for job in jobs}, diffs
+    return {job[1]: load_file(job[3]) for job in jobs}, diffs, sd3_info
 
 
 def test_sd_and_sdxl_original_layout_loads_with_from_single_file_as_the_folder_export(original_read_back):
     """SD1.5 and SDXL (label_emb, the CLIP-L encoder in transformers' layout, the bigG one in OpenCLIP's)."""
-    files, diffs = original_read_back
+    files, diffs, _ = original_read_back
     pipelines = {k: d for k, d in diffs.items() if k[0].startswith("StableDiffusion")}
     assert sorted(pipelines) == [("StableDiffusionPipeline", n) for n in ("text_encoder", "unet", "vae")] + [
         ("StableDiffusionXLPipeline", n) for n in ("text_encoder", "text_encoder_2", "unet", "vae")]
@@ -371,9 +371,12 @@ def test_sd_and_sdxl_original_layout_loads_with_from_single_file_as_the_folder_e
 def test_sd3_and_flux_transformers_load_with_from_single_file_exactly(original_read_back):
     """The SD3 student's file, and our mapping of SD3.5 and Flux (fused q, k, v; Flux's fused single-block input;
     the swapped shift/scale of the final layer and of SD3's last text stream) read back bit for bit."""
-    files, diffs = original_read_back
+    files, diffs, sd3_info = original_read_back
     labels = ("sd3", "sd35", "flux-dev", "flux-schnell")
-    assert {k: d for k, d in diffs.items() if k[0] in labels} == {(label, "transformer"): 0.0 for label in labels}
+    transformers = {label: d for (label, _), d in diffs.items() if label in labels}
+    assert transformers == dict.fromkeys(labels, 0.0), transformers
+    assert sd3_info["contents"] == "transformer" and sd3_info["sampling"]["timesteps"] == [1.0, 0.75]  # a flow student's sigmas
+    assert "Load Diffusion Model" in _summary(sd3_info)
     sd3, sd35 = files["sd3"], files["sd35"]
     assert all(k.startswith("model.diffusion_model.") for k in [*sd3, *sd35])  # the transformer alone, Stability's prefix
     assert sd3["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"].shape == (3 * 16, 16)

@@ -190,13 +190,15 @@ def write_original(student: Student, out: Path, steps: int) -> dict:
     layout, in one file. SD3/Flux: the student's transformer alone, in its reference layout (their loaders
     take the text encoders and VAE as separate files, and a file with them would be many GB).
     Tools sample it with their own scheduler: the metadata records the student's timesteps."""
-    if type(student.backbone).__name__ in TRANSFORMERS:
+    alone = type(student.backbone).__name__ in TRANSFORMERS
+    if alone:
         state = transformer_to_original(student.backbone)
     else:
         state = pipeline_to_original(student.teacher.pipe, student.backbone.state_dict())
     sampling = sampling_note(student, steps)
     save_file(state, str(out), metadata={"format": "pt", "diffdistill": json.dumps(sampling)})
-    return {"format": "original", "steps": steps, "tensors": len(state), "sampling": sampling}
+    contents = "transformer" if alone else "checkpoint"
+    return {"format": "original", "contents": contents, "steps": steps, "tensors": len(state), "sampling": sampling}
 
 
 __all__ = ["open_clip_to_original", "pipeline_to_original", "transformer_to_original", "unet_to_original", "vae_to_original",
