@@ -101,7 +101,8 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", dest="out", required=True, metavar="OUT", help="folder to write (a .safetensors path for --format single-file)")
     parser.add_argument("--format", choices=FORMAT_CHOICES, default="diffusers",
                         help="diffusers: a pipeline folder (default); single-file: one .safetensors with metadata; lora: adapters for the "
-                             "teacher; original: one .safetensors in the original SD layout (UNet, VAE, text encoder) for ComfyUI/A1111")
+                             "teacher; original: one .safetensors in the reference layout for ComfyUI/A1111 (SD1.5/2.x, SDXL: UNet, VAE, text "
+                             "encoders; SD3/SD3.5, Flux: the transformer alone)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps the export is checked and documented for (default: all training timesteps)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use the EMA weights (default: if the run kept them)")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank of the SVD extraction (--format lora)")
@@ -125,7 +126,11 @@ def _summary(info: dict) -> str:
                      f"{len(info['unrepresented'])} parameters without a LoRA form")
     if info["format"] == "original":
         sampling = info["sampling"]
-        lines.append(f"sample it with {sampling['steps']} step(s) at timesteps {sampling['timesteps']}, CFG 1 (guidance is baked in): "
+        if info["contents"] == "transformer":
+            lines.append("the transformer alone: in ComfyUI, models/diffusion_models and \"Load Diffusion Model\", with the teacher's "
+                         "text encoders and VAE loaded beside it")
+        guidance = f", Flux guidance {sampling['guidance']}" if "guidance" in sampling else ""
+        lines.append(f"sample it with {sampling['steps']} step(s) at timesteps {sampling['timesteps']}, CFG 1 (guidance is baked in{guidance}): "
                      "in ComfyUI the LCM sampler with the sgm_uniform scheduler")
     return "\n".join(lines)
 

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from safetensors.torch import load_file, save_file
 
+from diffdistill.cli import _summary
 from diffdistill.config import load_recipe
 from diffdistill.run import train
 from diffdistill.export import ExportError, export_run, export_student, load_student
 from diffdistill.export.diffusers_folder import reference_output
+from diffdistill.export.original_transformers import transformer_to_original
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny" / "dmd2.yaml"
@@ -244,57 +247,149 @@ import json
 import sys
 sys.modules["diffdistill"] = None  # plain diffusers only
 import diffusers
+import torch
 
-for pipeline, single, folder, config in json.loads(sys.argv[1]):
-    loaded = getattr(diffusers, pipeline).from_single_file(single, config=config, local_files_only=True)
-    exported = diffusers.DiffusionPipeline.from_pretrained(folder)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if getattr(exported, name, None) is None:
-            continue
-        a, b = getattr(loaded, name).state_dict(), getattr(exported, name).state_dict()
-        extra = set(b) - set(a)  # the folder's UNet adds a zero guidance embedding that switches CFG off in diffusers
-        assert set(a) <= set(b) and all("cond_proj" in k for k in extra), (name, sorted(extra)[:3])
-        print(pipeline, name, max((a[k].float() - b[k].float()).abs().max().item() for k in a))
+# diffusers' Flux reader splits single_blocks.N.linear1 (q, k, v, MLP input) at FLUX.1's width, 3072, which it has
+# written in; the tiny Flux is 16 wide. Only that split is taken at the file's own width, in the same proportions
+# (q, k, v one width each, the MLP input four) and order; the rest is diffusers' reader as released.
+split = torch.split
+def split_at_own_width(tensor, sizes, dim=0):
+    if isinstance(sizes, (list, tuple)) and tuple(sizes) == (3072, 3072, 3072, 12288) and tensor.shape[dim] != sum(sizes):
+        width = tensor.shape[dim] // 7
+        sizes = (width, width, width, 4 * width)
+    return split(tensor, sizes, dim)
+torch.split = split_at_own_width
+
+def largest_difference(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+for kind, label, cls, single, reference, config in json.loads(sys.argv[1]):
+    if kind == "pipeline":  # the whole checkpoint against the folder export
+        loaded = getattr(diffusers, cls).from_single_file(single, config=config, local_files_only=True)
+        exported = diffusers.DiffusionPipeline.from_pretrained(reference)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if getattr(exported, name, None) is None:
+                continue
+            a, b = getattr(loaded, name).state_dict(), getattr(exported, name).state_dict()
+            extra = set(b) - set(a)  # the folder's UNet adds a zero guidance embedding that switches CFG off in diffusers
+            assert set(a) <= set(b) and all("cond_proj" in k for k in extra), (name, sorted(extra)[:3])
+            print(label, name, largest_difference(a, b))
+    else:  # a transformer alone against its diffusers-format weights
+        model = getattr(diffusers, cls)
+        a = model.from_single_file(single, config=config, subfolder="transformer", local_files_only=True).state_dict()
+        b = model.from_pretrained(reference, subfolder="transformer").state_dict()
+        assert set(a) == set(b), (label, sorted(set(a) ^ set(b))[:3])
+        print(label, "transformer", largest_difference(a, b))
 """
 ORIGINAL_PREFIXES = {
     "StableDiffusionPipeline": ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."),
     "StableDiffusionXLPipeline": ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.",
                                   "conditioner.embedders.1.model."),
 }
+FLOW = ["method.timesteps=[1.0,0.75]"]  # a flow schedule's t is in [0, 1]
+
+
+def weightless(folder: Path, out: Path) -> str:
+    """A copy of a model folder without its weights, so every tensor diffusers loads comes from our file."""
+    return str(shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors")))
 
 
 def original_and_folder(run, teacher_dir, pipeline: str, out: Path) -> list[str]:
-    """Both exports of ``run`` and a weight-less copy of its teacher folder (so every tensor diffusers loads comes
-    from our file): the child's arguments for one pipeline."""
+    """Both exports of ``run`` and a weight-less copy of its teacher folder: the child's arguments for one pipeline."""
     info = export_run(run, out / "student.safetensors", "original")
     assert info["sampling"]["timesteps"] == [999, 749, 499, 249]
     keys = set(load_file(str(out / "student.safetensors")))
     assert all(k.startswith(ORIGINAL_PREFIXES[pipeline]) for k in keys), sorted(keys)[:5]
     export_run(run, out / "folder")
-    configs = shutil.copytree(teacher_dir, out / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
-    return [pipeline, str(out / "student.safetensors"), str(out / "folder"), str(configs)]
+    return ["pipeline", pipeline, pipeline, str(out / "student.safetensors"), str(out / "folder"), weightless(teacher_dir, out / "configs")]
 
 
-def test_original_layout_loads_with_from_single_file_as_the_folder_export(runs, tmp_path, tiny_unet_dir):
-    """SD1.5 and SDXL (label_emb, the CLIP-L encoder in transformers' layout, the bigG one in OpenCLIP's):
-    diffusers' from_single_file reads each file back as the folder export, in one child process."""
+def transformer_job(label: str, model, out: Path, single: Path | None = None) -> list[str]:
+    """``model`` in diffusers' format (the reference) and in the reference layout (our mapping, unless ``single`` is
+    the file an export wrote): the child's arguments for one transformer."""
+    model.save_pretrained(out / "reference" / "transformer")
+    if single is None:
+        single = out / "transformer.safetensors"
+        save_file(transformer_to_original(model), str(single))
+    return ["model", label, type(model).__name__, str(single), str(out / "reference"), weightless(out / "reference", out / "configs")]
+
+
+def randomized(model):
+    """Every parameter drawn at random: diffusers starts norms at one and some biases at zero, where a swapped
+    pair (q/k norms, shift/scale biases) would read back unchanged."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def original_read_back(runs, tmp_path_factory, tiny_unet_dir):
+    """Every --format original layout read back by diffusers' from_single_file in one child process: SD1.5 and SDXL
+    pipelines against the folder export; an SD3 student's transformer; our mapping of an SD3.5-shaped transformer
+    (qk norms, a dual-attention layer, two blocks) and of Flux with and without its guidance input.
+    Returns the files by label, ``{(label, component): largest difference}`` and the SD3 export's summary."""
     from diffdistill.backbones.tiny import write_tiny_pipeline
 
-    sdxl = train(load_recipe(RECIPE, [f"out={tmp_path / 'sdxl-run'}", *FAST, "teacher=tiny:sdxl"]))
-    sdxl_teacher = write_tiny_pipeline(tmp_path / "sdxl-teacher", "sdxl")
-    jobs = [original_and_folder(runs["unet"], tiny_unet_dir, "StableDiffusionPipeline", tmp_path / "sd"),
-            original_and_folder(sdxl, sdxl_teacher, "StableDiffusionXLPipeline", tmp_path / "xl")]
+    root = tmp_path_factory.mktemp("original")
+    sdxl = train(load_recipe(RECIPE, [f"out={root / 'sdxl-run'}", *FAST, "teacher=tiny:sdxl"]))
+    sd3 = train(load_recipe(RECIPE, [f"out={root / 'sd3-run'}", *FAST, *FLOW, "teacher=tiny:sd3"]))
+    sd3_info = export_run(sd3, root / "sd3.safetensors", "original")
+    jobs = [original_and_folder(runs["unet"], tiny_unet_dir, "StableDiffusionPipeline", root / "sd"),
+            original_and_folder(sdxl, write_tiny_pipeline(root / "sdxl-teacher", "sdxl"), "StableDiffusionXLPipeline", root / "xl"),
+            transformer_job("sd3", load_student(sd3).backbone, root / "sd3", root / "sd3.safetensors")]
+    sd35 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+                                 pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
+    jobs.append(transformer_job("sd35", randomized(sd35), root / "sd35"))
+    for guidance in (True, False):  # FLUX.1-dev embeds a guidance scale, FLUX.1-schnell does not
+        flux = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                                      num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                      guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+        label = "flux-dev" if guidance else "flux-schnell"
+        jobs.append(transformer_job(label, randomized(flux), root / label))
     out = subprocess.run([sys.executable, "-c", ORIGINAL_CHILD, json.dumps(jobs)], check=False, capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+                         cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     diffs = {tuple(line.split()[:2]): float(line.split()[2]) for line in out.stdout.splitlines()}
-    assert sorted(diffs) == [("StableDiffusionPipeline", n) for n in ("text_encoder", "unet", "vae")] + [
+    return {job[1]: load_file(job[3]) for job in jobs}, diffs, sd3_info
+
+
+def test_sd_and_sdxl_original_layout_loads_with_from_single_file_as_the_folder_export(original_read_back):
+    """SD1.5 and SDXL (label_emb, the CLIP-L encoder in transformers' layout, the bigG one in OpenCLIP's)."""
+    files, diffs, _ = original_read_back
+    pipelines = {k: d for k, d in diffs.items() if k[0].startswith("StableDiffusion")}
+    assert sorted(pipelines) == [("StableDiffusionPipeline", n) for n in ("text_encoder", "unet", "vae")] + [
         ("StableDiffusionXLPipeline", n) for n in ("text_encoder", "text_encoder_2", "unet", "vae")]
-    assert all(d <= 1e-4 for d in diffs.values()), diffs
-    xl = load_file(jobs[1][1])
+    assert all(d <= 1e-4 for d in pipelines.values()), pipelines
+    xl = files["StableDiffusionXLPipeline"]
     assert xl["model.diffusion_model.label_emb.0.0.weight"].shape[1] == 68  # pooled 20 + six size ids x 8
     assert xl["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 20, 20)
-    with pytest.raises(ExportError, match="SD1.5/2.x and SDXL"):
+
+
+def test_sd3_and_flux_transformers_load_with_from_single_file_exactly(original_read_back):
+    """The SD3 student's file, and our mapping of SD3.5 and Flux (fused q, k, v; Flux's fused single-block input;
+    the swapped shift/scale of the final layer and of SD3's last text stream) read back bit for bit."""
+    files, diffs, sd3_info = original_read_back
+    labels = ("sd3", "sd35", "flux-dev", "flux-schnell")
+    transformers = {label: d for (label, _), d in diffs.items() if label in labels}
+    assert transformers == dict.fromkeys(labels, 0.0), transformers
+    assert sd3_info["contents"] == "transformer" and sd3_info["sampling"]["timesteps"] == [1.0, 0.75]  # a flow student's sigmas
+    assert "Load Diffusion Model" in _summary(sd3_info)
+    sd3, sd35 = files["sd3"], files["sd35"]
+    assert all(k.startswith("model.diffusion_model.") for k in [*sd3, *sd35])  # the transformer alone, Stability's prefix
+    assert sd3["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"].shape == (3 * 16, 16)
+    assert "model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight" in sd35
+    assert "model.diffusion_model.joint_blocks.1.x_block.attn2.qkv.weight" not in sd35
+    assert not any(k.startswith("model.") for k in [*files["flux-dev"], *files["flux-schnell"]])  # bare, as BFL ship Flux
+    assert files["flux-dev"]["single_blocks.1.linear1.weight"].shape == (3 * 16 + 4 * 16, 16)
+    assert "guidance_in.in_layer.weight" in files["flux-dev"] and "guidance_in.in_layer.weight" not in files["flux-schnell"]
+
+
+def test_original_refuses_transformers_without_a_reference_layout(runs, tmp_path):
+    with pytest.raises(ExportError, match="SD1.5/2.x and SDXL checkpoints and the SD3/SD3.5 and Flux transformers; DiTPipeline"
+                                          ".*--format diffusers or single-file"):
         export_run(runs["dit"], tmp_path / "dit.safetensors", "original")
 
 

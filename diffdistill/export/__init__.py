@@ -4,8 +4,9 @@
   in K steps exactly as diffdistill does (:mod:`.diffusers_folder`);
 * ``single-file`` -- one ``.safetensors`` with the weights and the metadata to rebuild it (:mod:`.single_file`);
 * ``lora``        -- adapters for ``pipe.load_lora_weights`` on the teacher (:mod:`.lora`);
-* ``original``    -- one ``.safetensors`` in the original SD layout (UNet, VAE, text encoder) that
-  ComfyUI and A1111/Forge load (:mod:`.original`; SD1.5/2.x and SDXL).
+* ``original``    -- one ``.safetensors`` in the reference code's layout that ComfyUI and A1111/Forge
+  load (:mod:`.original`): SD1.5/2.x and SDXL with UNet, VAE and text encoders; SD3/SD3.5 and Flux
+  the transformer alone (:mod:`.original_transformers`).
 
 Every format is written beside ``OUT`` under a hidden temporary name and renamed into place when
 complete, so ``OUT`` is never a half-written export; an existing ``OUT`` is replaced only with

@@ -21,8 +21,9 @@ written from the code bases' module structures:
   then v); ``token_embedding``, a bare ``positional_embedding``, ``ln_final``, and ``text_projection``
   as the matrix P of ``pooled @ P`` (the transpose of transformers' Linear weight).
 
-SD1.5/2.x and SDXL pipelines; the transformers (SD3, DiT, PixArt, Flux) have no layout here. The
-check is diffusers' own reader: ``StableDiffusion(XL)Pipeline.from_single_file(file,
+SD1.5/2.x and SDXL pipelines here; the flow transformers SD3/SD3.5 and Flux as their transformer alone
+in the reference layout (:mod:`.original_transformers`). DiT, PixArt and SANA have no single-file layout
+those tools load. The check is diffusers' own reader: ``StableDiffusion(XL)Pipeline.from_single_file(file,
 config=teacher_folder)`` loads it back (tests/test_export.py).
 """
 
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from diffdistill.export.original_transformers import TRANSFORMERS, transformer_to_original
 from diffdistill.export.student import ExportError, Student
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
@@ -163,8 +165,8 @@ def pipeline_to_original(pipe, unet_state: dict) -> dict:
     """One state dict in the original layout: the student's UNet, the teacher's VAE and text encoder(s)."""
     name = type(pipe).__name__
     if name not in TEXT_ENCODERS:
-        raise ExportError(f"--format original writes SD1.5/2.x and SDXL checkpoints ({', '.join(TEXT_ENCODERS)}); {name} has no "
-                          "original layout here: use --format diffusers or single-file")
+        raise ExportError(f"--format original writes SD1.5/2.x and SDXL checkpoints and the SD3/SD3.5 and Flux transformers; {name} "
+                          "has no original single-file layout that ComfyUI or A1111/Forge load: use --format diffusers or single-file")
     state = unet_to_original(unet_state, pipe.unet.config)
     state.update(vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
     for component, write, prefix in TEXT_ENCODERS[name]:
@@ -172,13 +174,32 @@ def pipeline_to_original(pipe, unet_state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def sampling_note(student: Student, steps: int) -> dict:
+    """What a tool needs to sample the student with its own scheduler: the timesteps (a flow student's
+    are its sigmas), no CFG, and the scale a kept guidance input (Flux.1-dev's) was trained at."""
+    flow = student.teacher.schedule.kind == "flow"
+    sampling = {"timesteps": [float(t) if flow else int(t) for t in student.timesteps], "steps": steps, "guidance_scale": 1.0,
+                "method": student.method}
+    if student.backbone.config.get("guidance_embeds"):
+        sampling["guidance"] = getattr(student.teacher, "student_guidance", None)
+    return sampling
+
+
 def write_original(student: Student, out: Path, steps: int) -> dict:
-    """The student's UNet with the teacher's VAE and text encoder, in the original layout, in one file.
+    """SD1.5/2.x and SDXL: the student's UNet with the teacher's VAE and text encoder(s), in the original
+    layout, in one file. SD3/Flux: the student's transformer alone, in its reference layout (their loaders
+    take the text encoders and VAE as separate files, and a file with them would be many GB).
     Tools sample it with their own scheduler: the metadata records the student's timesteps."""
-    state = pipeline_to_original(student.teacher.pipe, student.backbone.state_dict())
-    sampling = {"timesteps": [int(t) for t in student.timesteps], "steps": steps, "guidance_scale": 1.0, "method": student.method}
+    alone = type(student.backbone).__name__ in TRANSFORMERS
+    if alone:
+        state = transformer_to_original(student.backbone)
+    else:
+        state = pipeline_to_original(student.teacher.pipe, student.backbone.state_dict())
+    sampling = sampling_note(student, steps)
     save_file(state, str(out), metadata={"format": "pt", "diffdistill": json.dumps(sampling)})
-    return {"format": "original", "steps": steps, "tensors": len(state), "sampling": sampling}
+    contents = "transformer" if alone else "checkpoint"
+    return {"format": "original", "contents": contents, "steps": steps, "tensors": len(state), "sampling": sampling}
 
 
-__all__ = ["open_clip_to_original", "pipeline_to_original", "unet_to_original", "vae_to_original", "write_original"]
+__all__ = ["open_clip_to_original", "pipeline_to_original", "transformer_to_original", "unet_to_original", "vae_to_original",
+           "write_original"]
