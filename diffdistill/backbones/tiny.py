@@ -229,10 +229,10 @@ def _sana_pipeline(seed: int):
         cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=TEXT_DIM, sample_size=8, patch_size=1,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderDC(
+    vae = AutoencoderDC(  # three levels, 4x: SanaPipeline takes only image sides divisible by 32, so 32 px and 8 x 8 latents
         in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types="ResBlock", decoder_block_types="ResBlock",
-        encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1),
-        decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()),
+        encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16), encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
     )
     scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")  # as Sana ships
     tokenizer = tiny_gemma_tokenizer()
