@@ -6,6 +6,8 @@ each family runs a DMD2 generator and critic step. Flux.1-dev's guidance is one 
 input at w: a real score at w is one call of the raw transformer with ``guidance=w``.
 """
 
+import contextlib
+import json
 import math
 
 import pytest
@@ -19,6 +21,7 @@ from diffdistill.config import ConfigError, TrainConfig, load_recipe
 from diffdistill.generator import student_denoiser
 from diffdistill.methods.base import build_method
 from diffdistill.run import build_trainer, configure_teacher
+from diffdistill.sampling import guided_x0
 from diffdistill.schedules import schedule_from_scheduler_config
 from diffdistill.scores import ScoreEngine
 from diffdistill.teachers import resolve_teacher
@@ -47,19 +50,32 @@ def test_flux_real_score_at_w_is_one_pass_with_its_guidance_input(flux):
     """x0 = x_t - t u with u the transformer at (pipeline timestep t = sigma, guidance w), called once per real score."""
     cond, uncond = encode_prompts(flux.pipe, ["a cat", "7"]), encode_prompts(flux.pipe, ["", ""])
     x_t = torch.randn(2, *flux.latent_shape)
-    calls = []
-    flux.backbone.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))  # batch of each transformer call
     engine = ScoreEngine(flux, {})
-    for w in (1.0, 3.5, torch.tensor([2.0, 5.0])):
-        calls.clear()
-        x0 = engine.real(x_t, T, cond, uncond, w)
-        assert calls == [2]  # one pass over the two samples: never a conditional / unconditional pair
-        for i in range(2):
-            scale = w[i] if torch.is_tensor(w) else w
-            by_hand = x_t[i : i + 1] - T[i] * raw_flux(flux, x_t[i : i + 1], T[i : i + 1], {k: v[i : i + 1] for k, v in cond.items()}, scale)
-            torch.testing.assert_close(x0[i : i + 1], by_hand, rtol=1e-4, atol=1e-5)
+    with transformer_calls(flux.backbone) as calls:
+        for w in (1.0, 3.5, torch.tensor([2.0, 5.0])):
+            calls.clear()
+            x0 = engine.real(x_t, T, cond, uncond, w)
+            assert [len(c["x"]) for c in calls] == [2]  # one pass over the two samples: never a conditional / unconditional pair
+            for i in range(2):
+                scale = w[i] if torch.is_tensor(w) else w
+                by_hand = x_t[i : i + 1] - T[i] * raw_flux(flux, x_t[i : i + 1], T[i : i + 1], {k: v[i : i + 1] for k, v in cond.items()}, scale)
+                torch.testing.assert_close(x0[i : i + 1], by_hand, rtol=1e-4, atol=1e-5)
+            if not torch.is_tensor(w):  # the teacher ODE's samplers (DMD's regression pairs) guide the same way
+                calls.clear()
+                torch.testing.assert_close(guided_x0(flux.denoiser(), x_t, T, cond, uncond, w), x0)
+                assert [len(c["x"]) for c in calls] == [2]
     assert not torch.allclose(engine.real(x_t, T, cond, uncond, 1.0), engine.real(x_t, T, cond, uncond, 4.0))  # the input matters
-    flux.backbone._forward_pre_hooks.clear()
+
+
+@contextlib.contextmanager
+def transformer_calls(backbone):
+    """The inputs of each call of ``backbone`` (its first positional one as "x"), while in the block."""
+    calls = []
+    handle = backbone.register_forward_pre_hook(lambda module, args, kwargs: calls.append({"x": (args or [None])[0], **kwargs}), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 def test_flux_student_drops_its_guidance_input_as_the_teacher_at_that_scale(flux):
@@ -98,13 +114,11 @@ def test_sana_conditioning_and_denoiser_are_the_pipelines(tmp_path):
     predicts u, x0 = x_t - sigma u, as DPMSolverMultistepScheduler's flow_prediction converts it."""
     teacher = load_teacher(write_tiny_pipeline(tmp_path / "sana", "sana"))
     assert (teacher.kind, teacher.prediction_type, teacher.schedule.shift_factor) == ("sana", "flow", 3.0)
-    seen = {}
-    teacher.backbone.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
-    teacher.pipe("A Cat", guidance_scale=4.5, num_inference_steps=1, output_type="latent", use_resolution_binning=False)
+    with transformer_calls(teacher.backbone) as calls:
+        teacher.pipe("A Cat", guidance_scale=4.5, num_inference_steps=1, output_type="latent", use_resolution_binning=False)
     cond = encode_prompts(teacher.pipe, ["", "A Cat"])  # the pipeline's CFG batch: (negative, prompt)
     for key in cond:
-        assert torch.equal(seen[key], cond[key]), key
-    teacher.backbone._forward_pre_hooks.clear()
+        assert torch.equal(calls[0][key], cond[key]), key
     x_t = torch.randn(2, *teacher.latent_shape)
     raw = teacher.backbone(x_t, encoder_hidden_states=cond["encoder_hidden_states"], encoder_attention_mask=cond["encoder_attention_mask"],
                            timestep=1000 * T, return_dict=False)[0]
@@ -150,8 +164,6 @@ def test_dmd2_generator_and_critic_steps_run(arch, tmp_path):
 
 
 def _losses(rows):
-    import json
-
     return [v for row in map(json.loads, rows) for k, v in row.items() if k.startswith("loss_")]
 
 
