@@ -17,7 +17,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 from diffdistill.backbones.loading import load_teacher
 from diffdistill.backbones.tiny import write_tiny_pipeline
 from diffdistill.conditioning import encode_prompts
-from diffdistill.config import ConfigError, TrainConfig, load_recipe
+from diffdistill.config import ConfigError, DataConfig, TrainConfig, load_recipe
 from diffdistill.generator import student_denoiser
 from diffdistill.methods.base import build_method
 from diffdistill.run import build_trainer, configure_teacher
@@ -185,3 +185,14 @@ def test_student_guidance_keys_need_a_guidance_distilled_teacher(flux):
     configure_teacher(flux, TrainConfig(student_guidance=2.0))
     assert flux.student_guidance == 2.0
     flux.student_guidance = 3.5
+
+
+def test_a_flux_folder_samples_at_data_resolution(tmp_path, flux):
+    """Flux has no sample_size: a folder's teacher takes FluxPipeline's 128 x 128 latents, or data.resolution, and its
+    resolution-dependent shift follows (the in-memory tiny:flux is at 8 x 8)."""
+    teacher = load_teacher(write_tiny_pipeline(tmp_path / "flux", "flux"))
+    assert teacher.latent_shape == (4, 128, 128) and teacher.schedule.shift_factor == pytest.approx(math.exp(0.5 + 0.65 * (4096 - 256) / 3840))
+    configure_teacher(teacher, TrainConfig(data=DataConfig(resolution=16)))
+    assert teacher.latent_shape == flux.latent_shape == (4, 8, 8) and teacher.schedule.shift_factor == pytest.approx(flux.schedule.shift_factor)
+    with pytest.raises(ConfigError, match="data.resolution=18 is not a multiple of 4"):
+        configure_teacher(teacher, TrainConfig(data=DataConfig(resolution=18)))
