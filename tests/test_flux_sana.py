@@ -9,6 +9,7 @@ input at w: a real score at w is one call of the raw transformer with ``guidance
 import contextlib
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from diffdistill.conditioning import encode_prompts
 from diffdistill.config import ConfigError, DataConfig, TrainConfig, load_recipe
 from diffdistill.generator import student_denoiser
 from diffdistill.methods.base import build_method
-from diffdistill.run import build_trainer, configure_teacher
+from diffdistill.engine.broadcast import materialize, tensor_layout
+from diffdistill.run import build_trainer, configure_teacher, teacher_networks
 from diffdistill.sampling import guided_x0
 from diffdistill.schedules import schedule_from_scheduler_config
 from diffdistill.scores import ScoreEngine
@@ -196,3 +198,17 @@ def test_a_flux_folder_samples_at_data_resolution(tmp_path, flux):
     assert teacher.latent_shape == flux.latent_shape == (4, 8, 8) and teacher.schedule.shift_factor == pytest.approx(flux.schedule.shift_factor)
     with pytest.raises(ConfigError, match="data.resolution=18 is not a multiple of 4"):
         configure_teacher(teacher, TrainConfig(data=DataConfig(resolution=18)))
+
+
+@pytest.mark.parametrize("arch", ["flux", "sana"])
+def test_a_teacher_built_on_meta_matches_the_loaded_one(arch, tmp_path):
+    """What the other processes of a multi-GPU run build (engine/broadcast.py): the same networks from configs alone."""
+    folder = write_tiny_pipeline(tmp_path / arch, arch)
+    configs_only = shutil.copytree(folder, tmp_path / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
+    loaded, empty = load_teacher(folder), load_teacher(configs_only, on_meta=True)
+    assert (empty.latent_shape, empty.schedule.shift_factor) == (loaded.latent_shape, loaded.schedule.shift_factor)
+    loaded, empty = teacher_networks(loaded), teacher_networks(empty)
+    assert sorted(empty) == sorted(loaded)
+    for name, module in empty.items():
+        materialize(name, module, tensor_layout(loaded[name]), "cpu")
+        assert tensor_layout(module) == tensor_layout(loaded[name]), name
