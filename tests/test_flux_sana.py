@@ -19,9 +19,10 @@ from diffdistill.backbones.loading import load_teacher
 from diffdistill.backbones.tiny import write_tiny_pipeline
 from diffdistill.conditioning import encode_prompts
 from diffdistill.config import ConfigError, DataConfig, TrainConfig, load_recipe
+from diffdistill.engine.broadcast import materialize, tensor_layout
 from diffdistill.generator import student_denoiser
 from diffdistill.methods.base import build_method
-from diffdistill.engine.broadcast import materialize, tensor_layout
+from diffdistill.methods.trigflow import use_jvp_attention
 from diffdistill.run import build_trainer, configure_teacher, teacher_networks
 from diffdistill.sampling import guided_x0
 from diffdistill.schedules import schedule_from_scheduler_config
@@ -212,3 +213,16 @@ def test_a_teacher_built_on_meta_matches_the_loaded_one(arch, tmp_path):
     for name, module in empty.items():
         materialize(name, module, tensor_layout(loaded[name]), "cpu")
         assert tensor_layout(module) == tensor_layout(loaded[name]), name
+
+
+def test_flux_attention_gets_forward_mode_ad_for_the_jvp_methods(flux):
+    """sCM / rCM take a jvp through the student; Flux's attention (dispatched SDPA, no forward AD on CPU) is set to the math
+    backend, and the jvp then matches central differences."""
+    student = student_denoiser(flux)
+    assert use_jvp_attention(student.backbone) == 2  # the joint block's and the single block's attention
+    cond, x, t = encode_prompts(flux.pipe, ["a cat"]), torch.randn(1, *flux.latent_shape), torch.tensor([0.5])
+    direction, step = torch.randn_like(x), 1e-3
+    with torch.no_grad():
+        _, tangent = torch.func.jvp(lambda x: student(x, t, cond), (x,), (direction,))
+        central = (student(x + step * direction, t, cond) - student(x - step * direction, t, cond)) / (2 * step)
+    torch.testing.assert_close(tangent, central, rtol=1e-2, atol=2e-3)
