@@ -2,7 +2,7 @@
 
     diffdistill train RECIPE [key=value ...]   distill (or fine-tune) as a recipe says
     diffdistill encode-latents RECIPE --to DIR  the recipe's images through its teacher's VAE once, as latent shards
-    diffdistill tiny-sd OUT [--arch unet|dit|sd3|sdxl]   write a tiny pipeline folder, offline
+    diffdistill tiny-sd OUT [--arch unet|dit|sd3|sd35|sdxl|flux|sana]   write a tiny pipeline folder, offline
     diffdistill eval PIPELINE_DIR --benchmark ...   FID / KID / CLIP score on the papers' protocol
     diffdistill export RUN_DIR --to OUT        a diffusers folder / single file / LoRA of the student
     diffdistill quickstart [--method dmd2]      the README's first command: distill the bundled digits teacher on CPU
@@ -55,6 +55,8 @@ def _tiny_sd(args) -> int:
         raise SystemExit(f"error: {out} exists and is not empty; pass --overwrite to replace it")
     write_tiny_pipeline(out, args.arch, args.seed)
     print(f"wrote a tiny {args.arch} pipeline to {out}; load it with DiffusionPipeline.from_pretrained({str(out)!r})")
+    if args.arch == "flux":  # FluxPipeline's default is 128 x 128 latents (FLUX.1's 1024 px)
+        print("Flux has no sample_size: train this one at its tiny size with data.resolution=16, and sample it with height=16 width=16")
     return 0
 
 
@@ -183,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = verbs.add_parser("tiny-sd", help="write a tiny pipeline folder, offline", description="Write a tiny randomly initialized diffusers pipeline (backbone, VAE, text encoder, tokenizer, scheduler) that plain DiffusionPipeline.from_pretrained loads. For tests and demos.")
     tiny.add_argument("out", help="folder to write")
-    tiny.add_argument("--arch", choices=("unet", "dit", "sd3", "sdxl"), default="unet",
-                      help="unet: SD-style UNet; dit: class-conditional DiT; sd3: MMDiT rectified flow; sdxl: SDXL-style UNet, two text encoders")
+    tiny.add_argument("--arch", choices=("unet", "dit", "sd3", "sd35", "sdxl", "flux", "sana"), default="unet",
+                      help="unet: SD-style UNet; dit: class-conditional DiT; sd3: MMDiT rectified flow; sd35: SD3.5's MMDiT (qk norms, dual "
+                           "attention); sdxl: SDXL-style UNet, two text encoders; flux: guidance-distilled Flux (FLUX.1-dev-shaped); "
+                           "sana: Sana with a Gemma 2 text encoder")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     tiny.set_defaults(func=_tiny_sd)

@@ -1,13 +1,17 @@
 """Conditioning as a plain dict of tensors, built by the pipeline's own text encoder(s).
 
 Keys: ``encoder_hidden_states`` (all text models), ``text_embeds`` + ``time_ids`` (SDXL),
-``pooled_projections`` (SD3), ``encoder_attention_mask`` (PixArt), ``class_labels`` (DiT),
-``timestep_cond`` (LCM's guidance embedding). The empty prompt (or DiT's null class) is the
+``pooled_projections`` (SD3, Flux), ``encoder_attention_mask`` (PixArt, Sana), ``class_labels`` (DiT),
+``timestep_cond`` (LCM's guidance embedding), ``guidance`` (a guidance-distilled network's scale, added
+by the score engine, not here). Every value is per sample (batch first): Flux's text and image
+position ids are not, so its adapter builds them. The empty prompt (or DiT's null class) is the
 unconditional input for classifier-free guidance; SDXL pipelines with ``force_zeros_for_empty_prompt``
 (SDXL's default) encode it as zeros, as they do at inference.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -38,6 +42,30 @@ def _sd3(pipe, prompts, device):
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
+def _flux(pipe, prompts, device):
+    # T5 unmasked, so its padded length changes the embedding: the tokenizer's own (FLUX.1: 512, FluxPipeline's default)
+    t5_length = min(pipe.tokenizer_2.model_max_length, 512) if pipe.tokenizer_2 is not None else 512
+    embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=t5_length)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _sana(pipe, prompts, device):
+    """As ``SanaPipeline.__call__`` encodes by default: a prompt behind its complex human instruction, of which
+    the first and the last ``max_sequence_length - 1`` tokens are kept (Sana Sec. 3.1); the empty prompt, its
+    unconditional input, without the instruction."""
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    length, instruction = defaults["max_sequence_length"].default, defaults["complex_human_instruction"].default
+
+    def encode(group: list[str], with_instruction: bool):
+        embeds, mask, _, _ = pipe.encode_prompt(group, do_classifier_free_guidance=False, device=device, max_sequence_length=length,
+                                                complex_human_instruction=instruction if with_instruction else None)
+        return list(zip(embeds, mask))
+
+    rows = {kind: iter(encode([p for p in prompts if bool(p) == kind], kind)) for kind in {bool(p) for p in prompts}}
+    embeds, masks = zip(*(next(rows[bool(p)]) for p in prompts))  # back in the prompts' order
+    return {"encoder_hidden_states": torch.stack(embeds), "encoder_attention_mask": torch.stack(masks)}
+
+
 def _pixart(pipe, prompts, device):
     embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
     return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
@@ -63,6 +91,8 @@ _ENCODERS = {
     "StableDiffusionPipeline": _sd,
     "StableDiffusionXLPipeline": _sdxl,
     "StableDiffusion3Pipeline": _sd3,
+    "FluxPipeline": _flux,
+    "SanaPipeline": _sana,
     "PixArtAlphaPipeline": _pixart,
     "PixArtSigmaPipeline": _pixart,
     "DiTPipeline": _dit,

@@ -53,6 +53,10 @@ class TrainConfig:
     allow_pickle: bool = False         # allow loading pickle checkpoints (they can run code): only for trusted files
     trust_remote_code: bool = False    # allow a pipeline's custom code to run
     teacher_dtype: str = "float32"     # float32 | bfloat16 | float16: precision the frozen teacher is held in
+    student_guidance_embed: str = "drop"  # guidance-distilled teachers (Flux.1-dev: guidance_embeds): drop: the student has no
+                                       # guidance input, the teacher's embedding at student_guidance folded in (a FLUX.1-schnell-shaped
+                                       # student; plain pipelines then pass it no guidance) | keep: it keeps the input, always fed student_guidance
+    student_guidance: float = 3.5      # that scale (FluxPipeline's default guidance_scale); the teacher's own scale is the method's guidance
     load_on_main_only: bool = True     # several processes: only the main one reads the teacher's weights from disk, the
                                        # others build it on meta and receive them by broadcast (one host copy, one disk read)
     out: str = "runs/run"              # the run folder: config, checkpoints, logs, sample grids
@@ -206,6 +210,7 @@ def _parse_override_value(key: str, raw: str):
 CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "teacher_dtype": ("float32", "bfloat16", "float16"),
+    "student_guidance_embed": ("drop", "keep"),
     "data.source": ("prompts", "digits", "imagefolder", "webdataset", "hf_dataset", "latents"),
 }
 

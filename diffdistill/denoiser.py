@@ -16,7 +16,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from diffdistill import param
-from diffdistill.backbones import backbone_kind, call_backbone
+from diffdistill.backbones import backbone_kind, call_backbone, takes_guidance
 from diffdistill.param import append_dims
 
 
@@ -92,22 +92,40 @@ def base_copy(backbone: nn.Module) -> nn.Module:
     return clone
 
 
+def embeds_guidance(net) -> bool:
+    """Whether a denoiser (or its DDP wrapper) is guidance-distilled: it takes the guidance scale as an input."""
+    return getattr(getattr(net, "module", net), "embeds_guidance", False)
+
+
+def with_embedded_guidance(cond: dict, w, n: int, device) -> dict:
+    """``cond`` with the guidance scale ``w`` (a float, or one per sample) for a guidance-embedding network."""
+    w = w.to(device, torch.float32) if torch.is_tensor(w) else torch.full((n,), float(w), device=device)
+    return {**cond, "guidance": w.expand(n)}
+
+
 class Denoiser(nn.Module):
-    def __init__(self, backbone: nn.Module, schedule, prediction_type: str, adapter: str | bool | None = None):
+    def __init__(self, backbone: nn.Module, schedule, prediction_type: str, adapter: str | bool | None = None,
+                 embedded_guidance: float = 1.0):
         """``adapter``: the LoRA adapter this denoiser runs with when its backbone carries several
-        uses (a teacher's own denoiser: False, its frozen weights alone); None leaves them as they are."""
+        uses (a teacher's own denoiser: False, its frozen weights alone); None leaves them as they are.
+        ``embedded_guidance``: on a guidance-distilled backbone (Flux.1-dev), the scale its guidance input
+        sees when a call's ``cond`` gives none; 1 is our "no guidance" (w = 1: the conditional model)."""
         super().__init__()
         self.backbone = backbone
         self.kind = backbone_kind(backbone)
         self.schedule = schedule
         self.prediction_type = param.check_prediction_type(prediction_type)
         self.adapter = adapter
+        self.embeds_guidance = takes_guidance(backbone)
+        self.embedded_guidance = embedded_guidance
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The backbone's native output (float32), e.g. for an epsilon-MSE loss."""
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         first = next(self.backbone.parameters(), None)
         dtype = first.dtype if first is not None else x_t.dtype  # an exact (parameter-free) teacher keeps x's dtype
+        if self.embeds_guidance and "guidance" not in cond:
+            cond = with_embedded_guidance(cond, self.embedded_guidance, x_t.shape[0], x_t.device)
         cond = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
         timestep = self.schedule.model_timestep(t).to(x_t.device)
         with lora_adapters(self.backbone, self.adapter):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from diffdistill.backbones.guidance_embed import fold_guidance_embedding
 from diffdistill.denoiser import Denoiser, add_lora, base_copy
 from diffdistill.randomness import BatchRandom
 from diffdistill.schedules import add_noise
@@ -23,13 +24,24 @@ def student_denoiser(teacher, lora_rank: int = 0):
     frozen teacher is held in), or a fresh network where the teacher has no weights to copy.
 
     ``lora_rank > 0``: LoRA adapters (float32) on the teacher's own frozen weights instead, so the
-    student adds no copy of the network (DMD2's SDXL LoRA student); it is exported as a LoRA."""
+    student adds no copy of the network (DMD2's SDXL LoRA student); it is exported as a LoRA.
+
+    A guidance-distilled teacher (Flux.1-dev) gives a student that drops the guidance input, its
+    embedding at ``teacher.student_guidance`` folded in (``student_guidance_embed: drop``), or keeps it
+    and always sees that scale (``keep``)."""
+    drop = teacher.guidance_distilled and teacher.student_guidance_embed == "drop"
     if lora_rank > 0:
         if teacher.make_student is not None:
             raise ValueError("student_lora_rank: this teacher has no weights to put adapters on (a toy); use student_lora_rank=0")
+        if drop:
+            raise ValueError("a LoRA student shares the guidance-distilled teacher's guidance embedding, so it cannot drop it: "
+                             "set student_guidance_embed=keep, or train a full student (student_lora_rank=0)")
         add_lora(teacher.backbone, lora_rank, STUDENT_ADAPTER)
-        return Denoiser(teacher.backbone, teacher.schedule, teacher.prediction_type, adapter=STUDENT_ADAPTER)
+        return Denoiser(teacher.backbone, teacher.schedule, teacher.prediction_type, adapter=STUDENT_ADAPTER,
+                        embedded_guidance=teacher.student_guidance)
     backbone = teacher.make_student() if teacher.make_student is not None else base_copy(teacher.backbone).float()
+    if drop:
+        backbone = fold_guidance_embedding(backbone, teacher.student_guidance)
     return teacher.denoiser(backbone.requires_grad_(True).train())
 
 

@@ -14,8 +14,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from diffdistill.backbones.loading import Teacher
-from diffdistill.config import TrainConfig
+from diffdistill.backbones.loading import Teacher, set_resolution
+from diffdistill.config import ConfigError, TrainConfig
 from diffdistill.data.sources import build_data_source
 from diffdistill.engine.broadcast import broadcast_from_main
 from diffdistill.engine.trainer import Trainer, make_accelerator, place_teacher
@@ -31,6 +31,7 @@ def build_trainer(cfg: TrainConfig, teacher=None, data=None, evaluator=None) -> 
     announce_precision_without_gpu(cfg, accelerator)
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights (e.g. GAN heads) on every rank
     teacher = teacher or load_recipe_teacher(cfg, accelerator)
+    configure_teacher(teacher, cfg)
     place_teacher(teacher, accelerator.device)  # before the method: DMD's regression pairs sample the teacher there
     data = data or build_data_source(cfg, teacher)
     method = build_method(cfg.method, teacher, cfg, data.prompts)
@@ -60,6 +61,24 @@ def load_recipe_teacher(cfg: TrainConfig, accelerator: Accelerator) -> Teacher:
     return teacher
 
 
+def configure_teacher(teacher: Teacher, cfg: TrainConfig) -> None:
+    """Recipe keys that shape what is built from the teacher: a guidance-distilled teacher's student
+    (``student_guidance_embed``, ``student_guidance``), and the latent size of a backbone without a
+    sample_size (Flux) from ``data.resolution``."""
+    defaults = TrainConfig()
+    if teacher.guidance_distilled:
+        teacher.student_guidance_embed, teacher.student_guidance = cfg.student_guidance_embed, cfg.student_guidance
+    elif (cfg.student_guidance_embed, cfg.student_guidance) != (defaults.student_guidance_embed, defaults.student_guidance):
+        raise ConfigError(f"student_guidance_embed / student_guidance are for a guidance-distilled teacher (guidance_embeds: true, Flux.1-dev); "
+                          f"this {teacher.kind} teacher has no guidance input: drop them")
+    config = getattr(teacher.backbone, "config", None)
+    if cfg.data.resolution and teacher.pipe is not None and isinstance(config, dict) and not config.get("sample_size"):
+        try:
+            set_resolution(teacher, cfg.data.resolution)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 def teacher_networks(teacher: Teacher) -> dict[str, nn.Module]:
     """Every module that holds the teacher's weights: its backbone, and its pipeline's VAE and text encoders."""
     components = teacher.pipe.components if teacher.pipe is not None else {}
@@ -71,4 +90,4 @@ def train(cfg: TrainConfig, evaluator=None) -> Path:
     return build_trainer(cfg, evaluator=evaluator).fit()
 
 
-__all__ = ["announce_precision_without_gpu", "build_trainer", "load_recipe_teacher", "teacher_networks", "train"]
+__all__ = ["announce_precision_without_gpu", "build_trainer", "configure_teacher", "load_recipe_teacher", "teacher_networks", "train"]

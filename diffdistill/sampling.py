@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from diffdistill.conditioning import cond_cat
+from diffdistill.denoiser import embeds_guidance, with_embedded_guidance
 from diffdistill.param import append_dims, eps_from_x0
 
 
@@ -17,7 +18,10 @@ def guided_x0(denoiser, x_t, t, cond, uncond=None, guidance: float = 1.0):
     """Classifier-free guidance in x0 space, ``D(uncond) + w (D(cond) - D(uncond))`` (Ho & Salimans 2022).
 
     ``w = 1`` is the conditional model. The form is affine, so it equals guidance on eps, v or flow.
+    A guidance-distilled denoiser (Flux.1-dev) takes w as an input instead: one pass.
     """
+    if embeds_guidance(denoiser):
+        return denoiser(x_t, t, with_embedded_guidance(cond, guidance, x_t.shape[0], x_t.device))
     if uncond is None or guidance == 1.0:
         return denoiser(x_t, t, cond)
     both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(uncond, cond))

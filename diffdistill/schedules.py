@@ -9,6 +9,9 @@ A schedule maps a time ``t`` in its native units to ``(alpha_t, sigma_t)`` of
 * :class:`FlowSchedule` -- rectified flow (SD3, Flux): ``t`` in ``[0, 1]``, ``alpha = 1 - t``,
   ``sigma = t``; the network sees ``t * num_train_timesteps``. SD3's resolution shift
   ``t' = s t / (1 + (s - 1) t)`` (Esser et al. 2024, eq. 23) is applied by :meth:`FlowSchedule.shift`.
+  Flux's resolution-dependent ("dynamic") shift is that form too, with ``s = exp(mu)`` and ``mu``
+  linear in the image's token count (``FluxPipeline.calculate_shift``); Sana's DPM-Solver
+  ``flow_shift`` is the same form again.
 
 Conversions run in float64 (small alpha near t = T-1 loses digits in float32) and return the
 requested dtype. Samplers draw from an ``rng`` with ``rand(shape)`` / ``randn(shape)``
@@ -17,6 +20,7 @@ requested dtype. Samplers draw from an ``rng`` with ``rand(shape)`` / ``randn(sh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +90,15 @@ class FlowSchedule:
         self.t_min, self.t_max = 0.0, 1.0
 
     @classmethod
-    def from_scheduler_config(cls, config) -> "FlowSchedule":
-        return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
+    def from_scheduler_config(cls, config, image_tokens: int | None = None) -> "FlowSchedule":
+        """``image_tokens``: the backbone's token count at the teacher's resolution, which a dynamic shift
+        (``use_dynamic_shifting``, Flux) is read at."""
+        shift = float(config.get("flow_shift", 1.0) if config.get("use_flow_sigmas") else config.get("shift", 1.0))
+        if config.get("use_dynamic_shifting"):
+            if image_tokens is None:
+                raise ValueError("this scheduler shifts by resolution (use_dynamic_shifting): give the image's token count")
+            shift = dynamic_shift(config, image_tokens)
+        return cls(int(config.get("num_train_timesteps", 1000)), shift)
 
     def shift(self, t: torch.Tensor) -> torch.Tensor:
         s = self.shift_factor
@@ -111,13 +122,26 @@ class FlowSchedule:
         return [float(t) for t in self.shift(ts)]
 
 
+def dynamic_shift(config, image_tokens: int) -> float:
+    """The shift s of a resolution-dependent schedule: mu linear in the token count between
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as FluxPipeline's
+    ``calculate_shift``; the scheduler's exponential time shift is then ours with s = exp(mu)
+    (its linear one, with s = mu)."""
+    lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    mu = base + (top - base) * (image_tokens - lo) / (hi - lo)
+    return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+
+
 Schedule = VPSchedule | FlowSchedule
 
 
-def schedule_from_scheduler_config(config) -> Schedule:
-    """Picks VP or flow from a diffusers scheduler config (``FlowMatch*`` class names mean flow)."""
-    if "FlowMatch" in str(config.get("_class_name", "")) or "shift" in config and "beta_start" not in config:
-        return FlowSchedule.from_scheduler_config(config)
+def schedule_from_scheduler_config(config, image_tokens: int | None = None) -> Schedule:
+    """Picks VP or flow from a diffusers scheduler config: ``FlowMatch*`` class names, or a DPM-Solver
+    with flow sigmas (Sana), mean flow."""
+    flow_sigmas = config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction"
+    if "FlowMatch" in str(config.get("_class_name", "")) or flow_sigmas or "shift" in config and "beta_start" not in config:
+        return FlowSchedule.from_scheduler_config(config, image_tokens)
     return VPSchedule.from_scheduler_config(config)
 
 
@@ -202,6 +226,6 @@ def sigma_alpha_ratio(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "VPSchedule", "FlowSchedule", "schedule_from_scheduler_config", "add_noise", "UniformTimesteps",
+    "VPSchedule", "FlowSchedule", "dynamic_shift", "schedule_from_scheduler_config", "add_noise", "UniformTimesteps",
     "LogNormalTimesteps", "LogitNormalTimesteps", "ShiftedUniformTimesteps", "make_timestep_sampler", "sigma_alpha_ratio",
 ]

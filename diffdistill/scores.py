@@ -6,7 +6,8 @@
   adapters on a frozen copy) and trained by denoising score matching on generator samples;
 * **guidance** -- classifier-free guidance in x0 space with one convention,
   ``D_w = D(uncond) + w * (D(cond) - D(uncond))``, so ``w = 1`` is the conditional model
-  (DMD2, SiD-LSG, rCM; LCM's "w" is our ``w - 1``);
+  (DMD2, SiD-LSG, rCM; LCM's "w" is our ``w - 1``); a guidance-distilled network (Flux.1-dev, whose
+  transformer embeds the scale) is guided at w by one pass with its guidance input at w, never a pair;
 * **GAN head** -- an optional classifier on features of the critic (DMD2) or of the teacher
   (FastGen), read with a forward hook on the backbone's bottleneck.
 
@@ -23,7 +24,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from diffdistill.backbones import feature_module
 from diffdistill.conditioning import cond_cat
-from diffdistill.denoiser import Denoiser, add_lora, base_copy, native_from_x0
+from diffdistill.denoiser import Denoiser, add_lora, base_copy, embeds_guidance, native_from_x0, with_embedded_guidance
 from diffdistill.schedules import add_noise
 
 
@@ -36,7 +37,10 @@ def guided(denoiser, x_t, t, cond, uncond, w):
     """Runs cond and uncond in one batch; ``w`` may be a float or a per-sample tensor.
 
     ``w = 1`` is the conditional model alone and ``w = 0`` the unconditional one alone (one pass each).
+    A guidance-distilled denoiser takes w as an input: one pass, ``uncond`` unused.
     """
+    if embeds_guidance(denoiser):
+        return denoiser(x_t, t, with_embedded_guidance(cond, w, x_t.shape[0], x_t.device))
     if uncond is None or (not torch.is_tensor(w) and w == 1.0):
         return denoiser(x_t, t, cond)
     if not torch.is_tensor(w) and w == 0.0:
@@ -55,9 +59,9 @@ def make_critic(teacher, lora_rank: int = 0, lora_alpha: float | None = None, sh
     third copy of the network exists: the real score is the same module with the adapters off
     (``Teacher.denoiser()``), the fake score with them on. ``share_teacher=False`` puts them on a
     frozen copy instead (Phased DMD's several critics, one per expert)."""
-    if lora_rank <= 0:
+    if lora_rank <= 0:  # (not teacher.denoiser: that is the student's, whose guidance input may see another scale)
         backbone = teacher.make_critic() if teacher.make_critic is not None else base_copy(teacher.backbone)
-        return teacher.denoiser(backbone.train().float().requires_grad_(True))
+        return Denoiser(backbone.train().float().requires_grad_(True), teacher.schedule, teacher.prediction_type)
     if teacher.make_critic is not None:  # a toy teacher builds its critic fresh
         backbone = teacher.make_critic()
     else:

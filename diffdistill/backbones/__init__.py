@@ -7,7 +7,15 @@ keys it needs. Supported families, and the diffusers classes they wrap:
   (``text_embeds``, ``time_ids``), LCM's ``timestep_cond``.
 * ``dit``    -- ``DiTTransformer2DModel`` (class-conditional DiT; learned-sigma channels dropped).
 * ``pixart`` -- ``PixArtTransformer2DModel`` (text-conditional DiT).
-* ``sd3``    -- ``SD3Transformer2DModel`` (MMDiT, rectified flow).
+* ``sd3``    -- ``SD3Transformer2DModel`` (MMDiT, rectified flow; SD3.5's qk norms and dual attention layers too).
+* ``flux``   -- ``FluxTransformer2DModel`` (rectified flow): latents packed 2x2 into tokens with rotary
+  position ids, as ``FluxPipeline`` packs them; the CLIP pooled and T5 text inputs; and, on a
+  guidance-distilled model (``guidance_embeds: true``, Flux.1-dev), the guidance scale in ``cond["guidance"]``.
+* ``sana``   -- ``SanaTransformer2DModel`` (rectified flow, linear attention; Gemma text with its mask).
+
+Timesteps: the Denoiser hands every family ``schedule.model_timestep(t)``, i.e. ``1000 t`` on a flow
+schedule. SD3 and Sana take that as it is (Sana times its ``timestep_scale``, 1 but for Sana-Sprint);
+Flux multiplies its timestep and guidance inputs by 1000 itself, so its pipeline divides by 1000 and so do we.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ SUPPORTED_BACKBONES = {
     "DiTTransformer2DModel": "dit",
     "PixArtTransformer2DModel": "pixart",
     "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+    "SanaTransformer2DModel": "sana",
 }
 
 
@@ -64,12 +74,59 @@ def _sd3(model, x, timestep, cond):
     )[0]
 
 
+def takes_guidance(model: torch.nn.Module) -> bool:
+    """Whether a backbone embeds the guidance scale as an input (guidance-distilled: Flux.1-dev), so that
+    guidance at w is one pass with that input at w, never a classifier-free pair."""
+    config = getattr(model, "config", None)
+    return bool(config.get("guidance_embeds", False)) if isinstance(config, dict) else False
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token, channels outermost (FluxPipeline._pack_latents)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents`."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device) -> torch.Tensor:
+    """Flux's rotary position of each packed token: (0, row, column), row-major."""
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(device, torch.float32)
+
+
+def _flux(model, x, timestep, cond):
+    h, w = x.shape[-2:]
+    text = cond["encoder_hidden_states"]
+    guidance = cond["guidance"] if takes_guidance(model) else None
+    out = model(
+        pack_latents(x), encoder_hidden_states=text, pooled_projections=cond["pooled_projections"],
+        timestep=timestep / 1000, img_ids=image_ids(h, w, x.device),
+        txt_ids=torch.zeros(text.shape[1], 3, device=x.device),  # FluxPipeline's text positions: all zero
+        guidance=guidance, return_dict=False,
+    )[0]
+    return unpack_latents(out, h, w)
+
+
+def _sana(model, x, timestep, cond):
+    guidance = cond["guidance"] * model.config.guidance_embeds_scale if takes_guidance(model) else None  # as SanaSprintPipeline
+    out = model(
+        x, encoder_hidden_states=cond["encoder_hidden_states"], encoder_attention_mask=cond.get("encoder_attention_mask"),
+        timestep=timestep * model.config.timestep_scale, guidance=guidance, return_dict=False,
+    )[0]
+    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
 def _plain(model, x, timestep, cond):
     """Our own small networks (toy benchmarks): ``model(x, timestep, cond)``."""
     return model(x, timestep, cond)
 
 
-_CALLS = {"unet": _unet, "dit": _dit, "pixart": _pixart, "sd3": _sd3, "plain": _plain}
+_CALLS = {"unet": _unet, "dit": _dit, "pixart": _pixart, "sd3": _sd3, "flux": _flux, "sana": _sana, "plain": _plain}
 
 
 def feature_module(model: torch.nn.Module) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from diffdistill.backbones import SUPPORTED_BACKBONES, backbone_kind
+from diffdistill.backbones import SUPPORTED_BACKBONES, backbone_kind, takes_guidance
 from diffdistill.backbones.meta import empty_pipeline
 from diffdistill.denoiser import Denoiser
 from diffdistill.schedules import schedule_from_scheduler_config
@@ -45,22 +45,32 @@ class Teacher:
     path: str
     make_student: object = None   # callable(**extra) -> fresh backbone, where a copy of the teacher will not do (toy); extra: time_cond_proj_dim
     make_critic: object = None
-    data_shape: tuple | None = None  # per-sample shape, where the backbone has no sample_size (toy)
+    data_shape: tuple | None = None  # per-sample shape, where the backbone has no sample_size (toy; Flux at data.resolution)
+    student_guidance_embed: str = "drop"  # guidance-distilled teachers: the student drops its guidance input | keeps it
+    student_guidance: float = 3.5          # ... the scale folded into it (drop) or always fed to it (keep)
 
     def denoiser(self, backbone: torch.nn.Module | None = None) -> Denoiser:
         """A Denoiser over ``backbone``; by default the teacher itself, which runs with its frozen
-        weights alone even when a LoRA critic keeps its adapters on them (see scores.make_critic)."""
+        weights alone even when a LoRA critic keeps its adapters on them (see scores.make_critic).
+        Another backbone is a student's: one that kept a guidance input sees ``student_guidance`` there."""
         if backbone is None or backbone is self.backbone:
             return Denoiser(self.backbone, self.schedule, self.prediction_type, adapter=False)
-        return Denoiser(backbone, self.schedule, self.prediction_type)
+        return Denoiser(backbone, self.schedule, self.prediction_type, embedded_guidance=self.student_guidance)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
+        """Per-sample latent shape (C, H, W). Flux's backbone sees 2x2-packed tokens of 4C channels and
+        has no sample_size: its side is the pipeline's default (128 latents, 1024 px), or ``data.resolution``."""
         if self.data_shape is not None:
             return tuple(self.data_shape)
         cfg = self.backbone.config
-        size = cfg.sample_size
-        return (cfg.in_channels, size, size)
+        size = cfg.get("sample_size") or self.pipe.default_sample_size
+        return (cfg.in_channels // 4 if self.kind == "flux" else cfg.in_channels, size, size)
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """The backbone embeds the guidance scale (Flux.1-dev): guidance at w is one pass, there is no CFG pair."""
+        return takes_guidance(self.backbone)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -137,11 +147,36 @@ def _teacher_from_pipe(pipe, index: dict, path: str) -> Teacher:
     component = next(c for c in BACKBONE_COMPONENTS if index.get(c))
     backbone = getattr(pipe, component)
     backbone.requires_grad_(False).eval()
-    sched_cfg = dict(pipe.scheduler.config)
-    sched_cfg["_class_name"] = type(pipe.scheduler).__name__
-    schedule = schedule_from_scheduler_config(sched_cfg)
-    prediction_type = "flow" if schedule.kind == "flow" else sched_cfg.get("prediction_type", "epsilon")
-    return Teacher(pipe, backbone, component, backbone_kind(backbone), schedule, prediction_type, path)
+    teacher = Teacher(pipe, backbone, component, backbone_kind(backbone), None, "epsilon", path)
+    set_schedule(teacher)
+    return teacher
+
+
+def set_schedule(teacher: Teacher) -> None:
+    """The teacher's schedule and prediction type from its pipeline's scheduler config, at its latent size
+    (a resolution-dependent shift, Flux's, is read at the image's token count)."""
+    sched_cfg = dict(teacher.pipe.scheduler.config)
+    sched_cfg["_class_name"] = type(teacher.pipe.scheduler).__name__
+    teacher.schedule = schedule_from_scheduler_config(sched_cfg, image_tokens(teacher))
+    teacher.prediction_type = "flow" if teacher.schedule.kind == "flow" else sched_cfg.get("prediction_type", "epsilon")
+
+
+def image_tokens(teacher: Teacher) -> int:
+    """How many image tokens the backbone sees per sample: Flux packs 2x2 latents; DiTs patchify by patch_size."""
+    _, h, w = teacher.latent_shape
+    patch = 2 if teacher.kind == "flux" else teacher.backbone.config.get("patch_size") or 1
+    return (h // patch) * (w // patch)
+
+
+def set_resolution(teacher: Teacher, pixels: int) -> None:
+    """A backbone without a sample_size (Flux) samples at ``pixels`` (``data.resolution``): its latent side,
+    and the schedule's resolution-dependent shift with it."""
+    factor = teacher.pipe.vae_scale_factor * (2 if teacher.kind == "flux" else 1)  # Flux's side: a multiple of the 2x2 packing
+    if pixels % factor:
+        raise ValueError(f"data.resolution={pixels} is not a multiple of {factor}, which this {teacher.kind} teacher's latents need")
+    channels = teacher.latent_shape[0]
+    teacher.data_shape = (channels, pixels // teacher.pipe.vae_scale_factor, pixels // teacher.pipe.vae_scale_factor)
+    set_schedule(teacher)
 
 
 def _load_single_file(path: Path, config: str | None, allow_pickle: bool, trust_remote_code: bool, torch_dtype,

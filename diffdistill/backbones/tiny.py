@@ -8,8 +8,15 @@ encoder(s) and tokenizer(s), scheduler) that plain ``DiffusionPipeline.from_pret
 * ``sd3``  -- ``StableDiffusion3Pipeline`` (SD3Transformer2DModel, rectified flow, two CLIP encoders).
 * ``sdxl`` -- ``StableDiffusionXLPipeline`` (UNet with SDXL's pooled-text and size conditioning, two CLIP
   encoders, zeros as the unconditional input as SDXL's own pipeline has it).
+* ``sd35`` -- ``StableDiffusion3Pipeline`` with SD3.5's transformer: RMS qk norms and dual attention layers.
+* ``flux`` -- ``FluxPipeline`` (guidance-distilled FluxTransformer2DModel as FLUX.1-dev: ``guidance_embeds``,
+  a CLIP pooled and a T5 text encoder, FLUX.1-dev's resolution-dependent scheduler shift). Flux has no
+  sample_size: ``FluxPipeline`` samples 128 x 128 latents by default, so the in-memory ``tiny:flux`` sets the
+  pipeline's ``default_sample_size`` to 8; a tiny flux folder trains at ``data.resolution=16`` likewise.
+* ``sana`` -- ``SanaPipeline`` (SanaTransformer2DModel, a deep-compression autoencoder, a Gemma 2 text
+  encoder, DPM-Solver with flow sigmas as Sana ships).
 
-The tokenizer is a character-level CLIP BPE (no merges), written as vocab.json/merges.txt and
+The tokenizers are character-level (CLIP BPE, T5 Unigram, Gemma BPE); the CLIP one is a BPE (no merges), written as vocab.json/merges.txt and
 re-loaded with ``CLIPTokenizer.from_pretrained``: in transformers 5.x the ``vocab_file=`` /
 ``merges_file=`` constructor arguments are silently ignored.
 """
@@ -23,29 +30,38 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
 )
 
-TINY_ARCHS = ("unet", "dit", "sd3", "sdxl")
+TINY_ARCHS = ("unet", "dit", "sd3", "sd35", "sdxl", "flux", "sana")
 TEXT_LENGTH = 32      # characters are tokens here; long enough for "a handwritten digit 7"
 TEXT_DIM = 32
 
@@ -95,6 +111,25 @@ def tiny_t5_encoder(seed: int, d_model: int = TEXT_DIM):
     torch.manual_seed(seed)
     config = T5Config(vocab_size=128, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2)
     return T5EncoderModel(config).eval()
+
+
+def tiny_gemma_tokenizer():
+    """A character-level Gemma BPE (no merges) that puts <bos> first as Gemma's does; saved and re-loaded so the
+    in-memory one and a written folder's encode alike."""
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581"] + list(string.printable[:94]))}
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], model_max_length=300)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return GemmaTokenizer.from_pretrained(tmp)
+
+
+def tiny_gemma2_encoder(tokenizer, seed: int, hidden: int = TEXT_DIM):
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return Gemma2Model(config).eval()
 
 
 def tiny_vae(seed: int, latent_channels: int = 4, image_size: int = 16, **extra):
@@ -157,6 +192,54 @@ def _sd3_pipeline(seed: int):
     )
 
 
+def _sd35_pipeline(seed: int):
+    """SD3.5's additions to SD3 (SD3.5 Large/Medium): RMS norms on q and k, and MMDiT-X dual attention layers."""
+    pipe = _sd3_pipeline(seed)
+    torch.manual_seed(seed)
+    pipe.transformer = SD3Transformer2DModel.from_config(pipe.transformer.config, qk_norm="rms_norm", dual_attention_layers=(0,))
+    pipe.register_modules(transformer=pipe.transformer)
+    return pipe
+
+
+def _flux_pipeline(seed: int):
+    torch.manual_seed(seed)
+    # 4 latent channels packed 2x2 make 16 token channels; rotary axes (2, 2, 4) sum to the head width 8;
+    # CLIP's pooled 32 and T5's 32 are the pooled and joint widths.
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's: shift by resolution, exp(mu), mu from 0.5 (256 tokens) to 1.15 (4096)
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    tokenizer = tiny_tokenizer()
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=tiny_vae(seed + 1, shift_factor=0.0, scaling_factor=1.0),
+        text_encoder=tiny_text_encoder(tokenizer, seed + 2), tokenizer=tokenizer,
+        text_encoder_2=tiny_t5_encoder(seed + 3), tokenizer_2=tiny_t5_tokenizer(),
+    )
+    pipe.default_sample_size = 8  # latents 8 x 8 (FluxPipeline's own default, 128, is FLUX.1's 1024 px)
+    return pipe
+
+
+def _sana_pipeline(seed: int):
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_cross_attention_heads=2,
+        cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=TEXT_DIM, sample_size=8, patch_size=1,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderDC(  # three levels, 4x: SanaPipeline takes only image sides divisible by 32, so 32 px and 8 x 8 latents
+        in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+        encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16), encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
+    )
+    scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")  # as Sana ships
+    tokenizer = tiny_gemma_tokenizer()
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=tiny_gemma2_encoder(tokenizer, seed + 2), vae=vae,
+                        transformer=transformer, scheduler=scheduler)
+
+
 def _sdxl_pipeline(seed: int):
     # Two CLIP encoders of widths 12 and 20 concatenate to cross_attention_dim 32; the second's pooled 20 and six
     # size/crop ids embedded at 8 each make the added embedding's input 20 + 6 x 8 = 68. The widths differ as
@@ -174,7 +257,8 @@ def _sdxl_pipeline(seed: int):
     )
 
 
-_BUILDERS = {"unet": _unet_pipeline, "dit": _dit_pipeline, "sd3": _sd3_pipeline, "sdxl": _sdxl_pipeline}
+_BUILDERS = {"unet": _unet_pipeline, "dit": _dit_pipeline, "sd3": _sd3_pipeline, "sd35": _sd35_pipeline, "sdxl": _sdxl_pipeline,
+             "flux": _flux_pipeline, "sana": _sana_pipeline}
 
 
 def tiny_pipeline(arch: str = "unet", seed: int = 0):

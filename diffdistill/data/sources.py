@@ -59,8 +59,13 @@ def encode_images(teacher, images: torch.Tensor, batch_size: int = 64) -> torch.
     vae = teacher.pipe.vae
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    out = [(vae.encode(images[i : i + batch_size].to(vae.dtype)).latent_dist.mean.float() - shift) * scale for i in range(0, len(images), batch_size)]
+    out = [(_latent_mean(vae.encode(images[i : i + batch_size].to(vae.dtype))) - shift) * scale for i in range(0, len(images), batch_size)]
     return torch.cat(out).float()
+
+
+def _latent_mean(encoded) -> torch.Tensor:
+    """A KL autoencoder's posterior mean; a deterministic one's latent (Sana's deep-compression autoencoder)."""
+    return (encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latent).float()
 
 
 def image_resolution(teacher, data_cfg) -> int:

@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 import torch
 
 from diffdistill.config import ConfigError, _coerce, unknown_key_error
+from diffdistill.guidance import guidance_from_options
 
 
 class Method(Protocol):
@@ -81,10 +82,30 @@ def method_options(spec: dict):
         raise ConfigError(f"method {name}: {e}") from e
 
 
+TRANSFORMER_KINDS = ("dit", "pixart", "sd3", "flux", "sana")
+
+
+def check_teacher_options(options, teacher) -> None:
+    """Options this teacher cannot honour, refused before any network is copied: CFG-style guidance
+    that needs an unconditional pass of a guidance-distilled teacher's fake score (which has only a
+    guidance input), and a patch GAN head, which reads a UNet's bottleneck map, on a transformer.
+    (Raised as ValueError; :func:`build_method` names the method in the ConfigError.)"""
+    if getattr(options, "gan_head", None) == "patch" and teacher.kind in TRANSFORMER_KINDS:
+        raise ValueError(f"gan_head=patch reads a UNet's bottleneck feature map (DMD2's SD1.5 head), and a {teacher.kind} "
+                          "teacher's features are tokens: use gan_head=pooled")
+    if teacher.guidance_distilled and hasattr(options, "guidance_style"):
+        guidance = guidance_from_options(options)
+        if guidance.fake != 1.0 or guidance.fake_train != 1.0 or guidance.fake_range is not None:
+            raise ValueError(f"guidance_style={options.guidance_style} guides the fake score by CFG, which needs an "
+                              "unconditional pass, and this teacher is guidance-distilled (its guidance is one input, no CFG pair): "
+                              "use guidance_style=cfg (or random without fake_guidance_range)")
+
+
 def build_method(spec: dict, teacher, train_cfg, prompts: list[str] = ()) -> Method:
     """``prompts`` are the training prompts, for methods that precompute teacher outputs (DMD's pairs)."""
     name, options = method_options(spec)
     try:
+        check_teacher_options(options, teacher)
         return METHODS[name][1](options, teacher, train_cfg, list(prompts) or [""])
     except ValueError as e:
         raise ConfigError(f"method {name}: {e}") from e

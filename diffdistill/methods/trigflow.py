@@ -9,7 +9,8 @@ with the same few-step sampler as DMD2, in its own schedule. Conversions run in 
 
 The jvp needs forward-mode AD through every op. PyTorch's fused SDPA kernels have none, so the
 student's attention runs diffusers' math ``AttnProcessor`` on CPU and the project's fused-attention
-processors (:func:`diffdistill.kernels.processors.use_fused_attention`) on GPU. Measured here: the jvp
+processors (:func:`diffdistill.kernels.processors.use_fused_attention`) on GPU; Flux's attention (not an
+``Attention``) runs diffusers' ``_native_math`` backend on both. Measured here: the jvp
 fails under CPU bf16 autocast, and through gradient checkpointing when gradients are on; both are
 refused with a clear error (our jvp runs under ``no_grad``, where diffusers skips checkpointing).
 """
@@ -144,12 +145,17 @@ def use_jvp_attention(backbone: nn.Module) -> int:
     """Attention with forward-mode AD on every diffusers ``Attention``: the fused processors where a GPU
     is present, the math ``AttnProcessor`` on CPU. Returns how many modules were set."""
     try:  # diffusers' model modules are heavy: loaded when a student is built, not on import
+        from diffusers.models.attention import AttentionModuleMixin
         from diffusers.models.attention_processor import Attention, AttnProcessor
     except ImportError:
         return 0
+    # Flux's attention is no ``Attention``: its processor dispatches to SDPA, whose math backend has forward AD
+    dispatched = [m for m in backbone.modules() if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention)]
+    if dispatched:
+        backbone.set_attention_backend("_native_math")
     modules = [m for m in backbone.modules() if isinstance(m, Attention)]
     if modules and torch.cuda.is_available():
-        return use_fused_attention(backbone)
+        return use_fused_attention(backbone) + len(dispatched)
     for module in modules:
         module.set_processor(AttnProcessor())
-    return len(modules)
+    return len(modules) + len(dispatched)
