@@ -116,10 +116,10 @@ def write_experts(student: Student, out: Path, steps: int, name: str | None = No
     for folder, expert in zip(expert_folders(student)[1:], experts[1:]):
         expert.save_pretrained(out / folder, safe_serialization=True)
     error = verify(student, pipe, steps, default_prompts(student), {**call, "callback_on_step_end": switcher(student.teacher.component, experts)})
-    notes = [f"One backbone per expert: `{'`, `'.join(expert_folders(student))}/`. A plain `pipe(...)` call runs expert 0 at every step, "
-             "which is not this student: use `generate` above, whose callback puts expert k in place for step k.",
-             f"Each step is deterministic ({type(pipe.scheduler).__name__}: expert k predicts x0 and steps by DDIM to the next timestep, "
-             "the last to x0): the initial noise is the only randomness.",
+    notes = [(f"One backbone per expert: {', '.join(f'`{f}/`' for f in expert_folders(student))}. A plain `pipe(...)` call runs expert 0 "
+              "at every step, which is not this student: use `generate` above, whose callback puts expert k in place for step k."),
+             (f"Each step is deterministic ({type(pipe.scheduler).__name__}: expert k predicts x0 and steps by DDIM to the next timestep, "
+              "the last to x0): the initial noise is the only randomness."),
              "Guidance is baked in; the call runs no classifier-free guidance pass."]
     extra = {"Experts": f"{count}, at timesteps {[float(t) for t in student.timesteps]}",
              "Checked on export": f"max |experts in turn - diffdistill sampler| = {error:.2e} for one seeded {steps}-step call"}

@@ -33,8 +33,8 @@ re-noising draws from torch's global generator. Seeding with ``generator=torch.m
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -64,8 +64,8 @@ class FlowFamily:
 FLOW_FAMILIES = {
     "StableDiffusion3Pipeline": FlowFamily(
         plain_sigmas=lambda k: None, call_kwargs=_sd3_call,
-        notes=["`guidance_scale=1.0` is required: StableDiffusion3Pipeline runs classifier-free guidance whenever it is above 1 "
-               "(its default is 7.0), which doubles the work and pushes the baked-in guidance twice."]),
+        notes=[("`guidance_scale=1.0` is required: StableDiffusion3Pipeline runs classifier-free guidance whenever it is above 1 "
+                "(its default is 7.0), which doubles the work and pushes the baked-in guidance twice.")]),
 }
 
 
@@ -120,9 +120,9 @@ def flow_call(student: Student, pipe, steps: int) -> dict:
 def flow_notes(student: Student, pipe) -> list[str]:
     plain = plain_steps(student, pipe.scheduler)
     exact = f"exact for K in {plain}" if plain else "exact for no K"
-    notes = [f"The scheduler is FlowMatchEulerDiscreteScheduler with shift 1.0, no dynamic shifting and stochastic sampling: each step "
-             f"predicts x0 and re-noises it to the next sigma, the student's own sampler. A plain `num_inference_steps=K` call is {exact}; "
-             f"for other K pass the student's `sigmas=` (K of {[float(t) for t in student.timesteps]}, evenly by index).",
-             "Re-noising draws from torch's global generator (the pipeline passes no generator to `scheduler.step`): seed with "
-             "`generator=torch.manual_seed(seed)` to reproduce a sample."]
+    notes = [(f"The scheduler is FlowMatchEulerDiscreteScheduler with shift 1.0, no dynamic shifting and stochastic sampling: each step "
+              f"predicts x0 and re-noises it to the next sigma, the student's own sampler. A plain `num_inference_steps=K` call is {exact}; "
+              f"for other K pass the student's `sigmas=` (K of {[float(t) for t in student.timesteps]}, evenly by index)."),
+             ("Re-noising draws from torch's global generator (the pipeline passes no generator to `scheduler.step`): seed with "
+              "`generator=torch.manual_seed(seed)` to reproduce a sample.")]
     return notes + list(flow_family(student).notes)

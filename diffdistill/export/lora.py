@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from diffdistill.conditioning import encode_prompts
 from diffdistill.export.card import model_card
 from diffdistill.export.diffusers_folder import call_text, sampling_call, student_scheduler
-from diffdistill.export.student import ExportError, Student, inference_timesteps
+from diffdistill.export.student import ExportError, Student
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for
 PROBE_PROMPT = "a photograph of a cat"

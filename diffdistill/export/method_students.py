@@ -83,7 +83,7 @@ def _cd(options, teacher, cfg) -> StudentSpec:
 
 def _phased(options, teacher) -> StudentSpec:
     timesteps = check_timesteps(teacher.schedule, options.timesteps or teacher.schedule.sampling_timesteps(2))
-    nets = [(f"net-expert_{k}", f"net-ema_{k}") for k in range(len(timesteps))]  # ema_k: the expert as sampling deploys it
+    nets = [(f"net-expert_{k}", f"ema-ema_{k}") for k in range(len(timesteps))]  # ema_k (an EMA target, saved as ema-ema_k): what sampling deploys
     return StudentSpec(nets, timesteps, len(timesteps), experts=True)
 
 

@@ -117,7 +117,8 @@ def vae_to_original(state: dict, config) -> dict:
 def pipeline_to_original(pipe, unet_state: dict) -> dict:
     """One state dict in the original layout: the student's UNet, the teacher's VAE and text encoder."""
     if type(pipe).__name__ != "StableDiffusionPipeline":
-        raise ExportError(f"--format original writes SD1.5/2.x checkpoints; {type(pipe).__name__} has no such layout here: use --format diffusers")
+        raise ExportError(f"--format original writes SD1.5/2.x checkpoints; {type(pipe).__name__} has no such layout here (for SD3, the layout "
+                          "SD3Transformer2DModel.from_single_file reads is not written): use --format diffusers, or lora (load_lora_weights)")
     state = unet_to_original(unet_state, pipe.unet.config)
     state.update(vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
     # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); the original layout has it
