@@ -139,6 +139,8 @@ def test_what_cannot_be_exported_says_how(runs, tmp_path, capsys):
         export_student(phased, tmp_path / "f", steps=1)
     with pytest.raises(ExportError, match="guidance input.*--format diffusers"):
         export_student(cd, tmp_path / "g", "lora")
+    with pytest.raises(ExportError, match="cd student.*--format diffusers"):
+        export_student(cd, tmp_path / "g.safetensors", "single-file")
     with pytest.raises(ExportError, match="SD3Transformer2DModel.from_single_file"):
         export_student(sd3, tmp_path / "h.safetensors", "original")
     assert not any(tmp_path.iterdir())  # every refusal came before anything was written
