@@ -44,7 +44,7 @@ from diffusers import LCMScheduler
 
 from diffdistill.conditioning import encode_prompts
 from diffdistill.export.card import model_card
-from diffdistill.export.flow import flow_call, flow_notes, flow_scheduler
+from diffdistill.export.flow import flow_call, flow_family, flow_notes, flow_scheduler
 from diffdistill.export.student import (
     ExportError,
     Student,
@@ -226,6 +226,8 @@ def verify(student: Student, pipe, steps: int, prompts: list, call: dict, seed: 
     """Largest |pipeline - diffdistill sampler| over one seeded call; an :class:`ExportError` beyond
     float rounding, so a wrong export is never written."""
     kind, out = run_pipeline(pipe, prompts, call, seed, global_rng(student))
+    if student.teacher.schedule.kind == "flow":
+        out = flow_family(student).latents(pipe, out)
     error = (out.float().cpu() - reference_output(student, kind, prompts, steps, seed).float().cpu()).abs().max().item()
     if not error <= VERIFY_TOLERANCE:
         raise ExportError(f"the exported {type(pipe).__name__} samples differently from diffdistill's sampler (max |diff| {error:.3g} "

@@ -59,8 +59,12 @@ class FlowFamily:
     plain_sigmas: Callable[[int], list | None]        # what a plain num_inference_steps=K call hands the scheduler (None: its own spacing)
     call_kwargs: Callable[[object], dict]            # what every call needs: CFG off, the text length trained on, ...
     notes: list = field(default_factory=list)        # family-specific lines for the card
+    latents: Callable = lambda pipe, x: x            # output_type="latent" in the student's layout (Flux: unpack the 2x2 patches)
 
 
+# Flux (FluxPipeline) hands the scheduler linspace(1, 1/K, K), calls scheduler.step without a generator and returns
+# packed latents; SANA (SanaPipeline) hands it no sigmas, runs CFG above guidance_scale 1 and bins resolutions unless
+# use_resolution_binning=False. Each is one entry here once its backbone and prompt encoder exist.
 FLOW_FAMILIES = {
     "StableDiffusion3Pipeline": FlowFamily(
         plain_sigmas=lambda k: None, call_kwargs=_sd3_call,
