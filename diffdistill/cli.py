@@ -114,6 +114,9 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="latest", metavar="WHICH",
                         help="latest (default), best (the best in-training quality of a run with eval_every), or a step number")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only once the new export is complete)")
+    parser.add_argument("--scheduler", default=None, metavar="NAME",
+                        help="the diffusers folder's scheduler, checked: the export writes the one that reproduces the student (VP: lcm, "
+                             "phased: euler; flow-matching: flow-match-euler) and refuses any other, above all one of the other noise family")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
 
 
@@ -141,7 +144,7 @@ def _export(args) -> int:
     from diffdistill.export import export_run  # lazy: see the note at the top
 
     info = export_run(args.run_dir, args.out, args.format, args.steps, args.ema, args.overwrite, args.rank, args.teacher, args.lora_layout,
-                      args.checkpoint)
+                      args.checkpoint, args.scheduler)
     print(json.dumps(info, indent=2, default=str) if args.json else _summary(info))
     return 0
 

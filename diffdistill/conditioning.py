@@ -34,10 +34,14 @@ def _sdxl(pipe, prompts, device):
     return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1).to(device)}
 
 
+def sd3_text_length(pipe) -> int:
+    """The T5 length SD3 prompts are padded to here: the tokenizer's own maximum (exports pass it as max_sequence_length)."""
+    return pipe.tokenizer_3.model_max_length if pipe.tokenizer_3 is not None else 256
+
+
 def _sd3(pipe, prompts, device):
-    t5_length = pipe.tokenizer_3.model_max_length if pipe.tokenizer_3 is not None else 256
     embeds, _, pooled, _ = pipe.encode_prompt(
-        prompts, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=t5_length
+        prompts, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=sd3_text_length(pipe)
     )
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 

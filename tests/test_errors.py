@@ -184,14 +184,14 @@ def test_a_refusal_raised_as_systemexit_exits_2_with_one_error_line(tmp_path, ca
 
 
 def fake_student(run_dir):
-    return SimpleNamespace(run_dir=run_dir, timesteps=[999], checkpoint=run_dir / "checkpoints" / "step-1", ema=False)
+    return SimpleNamespace(run_dir=run_dir, timesteps=[999], checkpoint=run_dir / "checkpoints" / "step-1", ema=False, default_steps=None, experts=None)
 
 
 @pytest.fixture
 def fake_writer(monkeypatch):
     from diffdistill import export
 
-    def write(student, tmp, steps, name=None):
+    def write(student, tmp, steps, name=None, scheduler=None):
         tmp.mkdir(parents=True)
         (tmp / "model_index.json").write_text("{}")
         return {"format": "diffusers", "steps": steps}

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from plain_diffusers import run_plain
 from safetensors.torch import load_file, save_file
 
 from diffdistill.cli import _summary
 from diffdistill.config import load_recipe
-from diffdistill.run import train
 from diffdistill.export import ExportError, export_run, export_student, load_student
 from diffdistill.export.diffusers_folder import reference_output
 from diffdistill.export.original_transformers import transformer_to_original
+from diffdistill.run import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny" / "dmd2.yaml"
@@ -27,28 +28,6 @@ FAST = ["max_steps=2", "method.ratio=1", "optim.lr=1e-3", "optim.warmup_steps=0"
 DIT = ["teacher=tiny:dit", "data.source=prompts", 'data.prompts=["1","3","7"]', "method.gan_weight=0"]
 SEED = 3
 
-# The child process: plain diffusers only. It mirrors diffdistill.export.diffusers_folder.run_pipeline:
-# SD keeps its default guidance_scale (7.5), which the exported UNet's guidance embedding must switch off.
-CHILD = r"""
-import sys
-sys.modules["diffdistill"] = None  # any import of diffdistill now raises ImportError
-import torch
-from diffusers import DiffusionPipeline
-from safetensors.torch import save_file
-
-folder, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-pipe = DiffusionPipeline.from_pretrained(folder)
-pipe.set_progress_bar_config(disable=True)
-result = {}
-for k in (1, 4):
-    if type(pipe).__name__ == "DiTPipeline":
-        result[f"k{k}"] = pipe(class_labels=[1, 7], num_inference_steps=k, guidance_scale=1.0, generator=torch.manual_seed(seed), output_type="pt").images
-    else:
-        result[f"k{k}"] = pipe(["a handwritten digit 1", "a handwritten digit 7"], num_inference_steps=k,
-                               generator=torch.Generator().manual_seed(seed), output_type="latent").images
-result["scheduler"] = torch.tensor([type(pipe.scheduler).__name__ == "LCMScheduler"])
-save_file({k: v.contiguous() for k, v in result.items()}, out)
-"""
 PROMPTS = {"unet": ["a handwritten digit 1", "a handwritten digit 7"], "dit": ["1", "7"]}
 
 
@@ -74,13 +53,17 @@ def test_plain_diffusers_samples_like_diffdistill(runs, arch, tmp_path):
     assert {"model_index.json", "README.md", "scheduler"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
 
-    result = tmp_path / "child.safetensors"
-    subprocess.run([sys.executable, "-c", CHILD, str(out), str(result), str(SEED)], check=True, cwd=tmp_path, timeout=300)
-    child = load_file(str(result))
+    # SD keeps its default guidance_scale (7.5), which the exported UNet's guidance embedding must switch off;
+    # DiTPipeline has no such switch, and re-noises from the global generator.
+    dit = arch == "dit"
+    calls = {f"k{k}": {"num_inference_steps": k, **({"guidance_scale": 1.0} if dit else {})} for k in (1, 4)}
+    inputs = {"labels": [1, 7]} if dit else {"prompts": PROMPTS[arch]}
+    child, = run_plain([{"folder": str(out), **inputs, "calls": calls, "seed": SEED, "global_rng": dit,
+                         "output_type": "pt" if dit else "latent", "scheduler": "LCMScheduler"}], tmp_path)
     assert child["scheduler"].item()
 
     student = load_student(runs[arch])
-    kind = "latent" if arch == "unet" else "image"
+    kind = "image" if dit else "latent"
     for k in (1, 4):
         ours = reference_output(student, kind, PROMPTS[arch], k, SEED)
         assert child[f"k{k}"].shape == ours.shape
@@ -151,7 +134,7 @@ def test_existing_out_is_refused_then_replaced_whole(unet_student, tmp_path, mon
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "old"
     (out / export.EXPORT_MARKER).write_text("{}")  # --overwrite replaces only a previous export (tests/test_errors.py)
 
-    def half_written(student, tmp, steps, name=None):
+    def half_written(student, tmp, steps, name=None, scheduler=None):
         (tmp / "unet").mkdir(parents=True)
         raise RuntimeError("disk full")
 

@@ -219,7 +219,7 @@ def test_transformer_teacher_is_a_config_error():
 
 
 def test_export_refuses_a_meanflow_student_with_the_reason():
-    from diffdistill.export.student import ExportError, student_timesteps
+    from diffdistill.export.method_students import ExportError, student_timesteps
 
     with pytest.raises(ExportError, match="second time input"):
         student_timesteps({"name": "meanflow"}, SCHEDULES["vp"])

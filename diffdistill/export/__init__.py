@@ -27,6 +27,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from diffdistill.export.diffusers_folder import write_diffusers
+from diffdistill.export.experts import write_experts
 from diffdistill.export.lora import write_lora
 from diffdistill.export.original import write_original
 from diffdistill.export.single_file import METADATA_KEY, load_single_file, write_single_file
@@ -122,15 +123,23 @@ def staged(out: Path):
 
 
 def export_student(student: Student, out, fmt: str = "diffusers", steps: int | None = None, overwrite: bool = False,
-                   rank: int = 64, lora_layout: str = "diffusers") -> dict:
-    """Writes ``student`` to ``out`` in ``fmt``; returns what was written and checked."""
+                   rank: int = 64, lora_layout: str = "diffusers", scheduler: str | None = None) -> dict:
+    """Writes ``student`` to ``out`` in ``fmt``; returns what was written and checked. ``scheduler``
+    (--scheduler) only checks the scheduler the export picks: naming the wrong family is an error."""
     out = Path(out)
     check_destination(student.run_dir, out, fmt, overwrite)
-    steps = len(student.timesteps) if steps is None else steps
+    steps = (student.default_steps or len(student.timesteps)) if steps is None else steps
     inference_timesteps(student.timesteps, steps)  # validates steps
+    if student.experts and fmt != "diffusers":
+        raise ExportError(f"a {student.method} student has one backbone per expert ({len(student.experts)}), which --format {fmt} cannot hold; "
+                          "use --format diffusers (a folder with every expert and the lines that run them in turn)")
+    if scheduler is not None and fmt != "diffusers":
+        raise ExportError(f"--scheduler names the diffusers folder's scheduler; --format {fmt} writes none: drop --scheduler")
     with staged(out) as tmp:
-        if fmt == "diffusers":
-            info = write_diffusers(student, tmp, steps, str(out))
+        if fmt == "diffusers" and student.experts:
+            info = write_experts(student, tmp, steps, str(out), scheduler)
+        elif fmt == "diffusers":
+            info = write_diffusers(student, tmp, steps, str(out), scheduler)
         elif fmt == "single-file":
             info = write_single_file(student, tmp, steps)
         elif fmt == "original":
@@ -143,11 +152,12 @@ def export_student(student: Student, out, fmt: str = "diffusers", steps: int | N
 
 
 def export_run(run_dir, out, fmt: str = "diffusers", steps: int | None = None, ema: bool | None = None, overwrite: bool = False,
-               rank: int = 64, teacher: str | None = None, lora_layout: str = "diffusers", checkpoint: str = "latest") -> dict:
+               rank: int = 64, teacher: str | None = None, lora_layout: str = "diffusers", checkpoint: str = "latest",
+               scheduler: str | None = None) -> dict:
     """``diffdistill export`` from Python: a checkpoint of ``run_dir`` (latest, best or a step) to ``out``."""
     check_destination(Path(run_dir), Path(out), fmt, overwrite)  # fail before loading anything
     student = load_student(run_dir, ema=ema, teacher=teacher, checkpoint=checkpoint)
-    return export_student(student, out, fmt, steps, overwrite, rank, lora_layout)
+    return export_student(student, out, fmt, steps, overwrite, rank, lora_layout, scheduler)
 
 
 __all__ = ["EXPORT_MARKER", "FORMATS", "ExportError", "Student", "export_run", "export_student", "load_student", "load_single_file"]

@@ -51,8 +51,7 @@ def model_card(student, fmt: str, usage: str, notes: list[str] = (), extra: dict
         f"Distilled with diffdistill ({fmt} export).", "",
         f"- **Teacher**: `{cfg.teacher}` ({type(student.teacher.backbone).__name__}, {student.teacher.prediction_type} prediction)",
         f"- **Method**: `{student.method}` with options `{json.dumps({k: v for k, v in cfg.method.items() if k != 'name'})}`",
-        f"- **Student timesteps**: {[int(t) if float(t).is_integer() else t for t in student.timesteps]} "
-        "(each step predicts x0, then re-noises it with fresh noise to the next timestep)",
+        f"- **Student timesteps**: {[int(t) if float(t).is_integer() else t for t in student.timesteps]} ({_sampler(student)})",
         f"- **Weights**: {'EMA of the generator' if student.ema else 'the generator (no EMA)'}",
         f"- **Training cost**: {_cost(student, last)}",
         f"- **Run**: `{student.run_dir.resolve()}`; the resolved recipe is below.",
@@ -72,6 +71,14 @@ def model_card(student, fmt: str, usage: str, notes: list[str] = (), extra: dict
         lines.append("None recorded yet (no metrics.jsonl or results.json in the run folder).")
     lines += ["", "## Recipe (resolved)", "", "```yaml", yaml.safe_dump(_plain(cfg), sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
+
+
+def _sampler(student) -> str:
+    if getattr(student, "experts", None):
+        return "expert k takes step k: it predicts x0 and steps deterministically (DDIM) to the next timestep, the last to x0"
+    if getattr(student, "consistency", None):
+        return "each step applies LCM's boundary condition to the predicted x0, then re-noises it with fresh noise to the next timestep"
+    return "each step predicts x0, then re-noises it with fresh noise to the next timestep"
 
 
 def _plain(cfg) -> dict:

@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 
 from diffdistill.conditioning import encode_prompts
 from diffdistill.export.card import model_card
-from diffdistill.export.diffusers_folder import lcm_scheduler
-from diffdistill.export.student import ExportError, Student, inference_timesteps
+from diffdistill.export.diffusers_folder import call_text, sampling_call, student_scheduler
+from diffdistill.export.student import ExportError, Student
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights looks for
 PROBE_PROMPT = "a photograph of a cat"
@@ -180,6 +180,9 @@ def check_loadable(student: Student) -> None:
     if pipe is None or not hasattr(type(pipe), "load_lora_weights"):
         name = type(pipe).__name__ if pipe is not None else "this teacher"
         raise ExportError(f"{name} has no LoRA loader in diffusers (no load_lora_weights); export --format diffusers or single-file")
+    if student.consistency and student.consistency.embedding_dim > 0:
+        raise ExportError("this cd student's guidance input (time_embedding.cond_proj) is a layer the teacher's UNet does not have, and a LoRA "
+                          "cannot add one: use --format diffusers (or train with method.guidance_embedding_dim=0, LCM-LoRA's setting)")
 
 
 def write_lora(student: Student, out: Path, steps: int, rank: int, name: str | None = None, layout: str = "diffusers") -> dict:
@@ -208,27 +211,30 @@ def write_lora(student: Student, out: Path, steps: int, rank: int, name: str | N
     return {"format": "lora", "layout": layout, "steps": steps, **{k: v for k, v in report.items() if k != "relative_frobenius"}}
 
 
-def _write_scheduler(student: Student, out: Path) -> bool | None:
-    """The student's LCMScheduler beside the adapters (VP teachers); None where there is none."""
+def _write_scheduler(student: Student, out: Path) -> tuple | None:
+    """The student's scheduler beside the adapters; ``(class name, custom)``, or None where there is none."""
     try:
-        scheduler, custom = lcm_scheduler(student)
+        scheduler, custom = student_scheduler(student)
     except ExportError:
         return None
     scheduler.save_pretrained(out / "scheduler")
-    return custom
+    return type(scheduler).__name__, custom
 
 
-def _usage(student: Student, out: str, steps: int, custom: bool | None) -> str:
+def _usage(student: Student, out: str, steps: int, written: tuple | None) -> str:
     teacher = student.config.teacher
     tiny = teacher.startswith("tiny:")
     where = f"  # `diffdistill tiny-sd DIR --arch {teacher[5:]}` writes this teacher" if tiny else "  # the teacher"
-    lines = ["from diffusers import DiffusionPipeline, LCMScheduler", "",
+    cls = written[0] if written else "LCMScheduler"
+    lines = [f"import torch\nfrom diffusers import DiffusionPipeline, {cls}", "",
              f'pipe = DiffusionPipeline.from_pretrained("{"DIR" if tiny else teacher}"){where}',
              f'pipe.load_lora_weights("{out}")']
-    if custom is not None:
-        lines.append(f'pipe.scheduler = LCMScheduler.from_pretrained("{out}", subfolder="scheduler")  # the student\'s sampler')
-        step_arg = f"timesteps={[int(t) for t in inference_timesteps(student.timesteps, steps)]}" if custom else f"num_inference_steps={steps}"
-        lines.append(f'image = pipe("a photograph of a cat", {step_arg}, guidance_scale=1.0).images[0]  # guidance is baked in')
+    if written is not None:
+        lines.append(f'pipe.scheduler = {cls}.from_pretrained("{out}", subfolder="scheduler")  # the student\'s sampler')
+        pipe = student.teacher.pipe
+        call = {**sampling_call(student, pipe, steps, written[1]), "guidance_scale": 1.0}  # the teacher's backbone has no CFG switch
+        seed = "torch.manual_seed(0)" if student.teacher.schedule.kind == "flow" else "torch.Generator().manual_seed(0)"
+        lines.append(f'image = pipe("a photograph of a cat", {call_text(call)}, generator={seed}).images[0]  # guidance is baked in')
     return "\n".join(lines)
 
 

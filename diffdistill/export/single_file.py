@@ -52,6 +52,9 @@ def student_metadata(student: Student, steps: int) -> dict:
 
 
 def write_single_file(student: Student, out: Path, steps: int) -> dict:
+    if student.consistency is not None:
+        raise ExportError("a cd student samples through LCM's boundary condition and its guidance input, which this file's metadata does not "
+                          "record yet: use --format diffusers")
     meta = student_metadata(student, steps)
     tensors = {k: v.detach().contiguous().cpu() for k, v in student.backbone.state_dict().items()}
     save_file(tensors, str(out), metadata={METADATA_KEY: json.dumps(meta), "format": "pt"})

@@ -18,17 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffdistill.backbones.loading import CheckpointError, Teacher
+from diffdistill.backbones.loading import Teacher
 from diffdistill.conditioning import encode_prompts
 from diffdistill.config import TrainConfig, from_dict
 from diffdistill.engine.checkpoint import best_checkpoint, complete_checkpoints, latest_checkpoint, read_state, saved_state
-from diffdistill.generator import check_timesteps, sample_student
+from diffdistill.export.errors import ExportError
+from diffdistill.export.method_students import Consistency, student_spec
+from diffdistill.generator import sample_student
 from diffdistill.methods.base import method_options
+from diffdistill.methods.phased_dmd import expert_step
 from diffdistill.teachers import resolve_teacher
-
-
-class ExportError(CheckpointError):
-    """A run, teacher or output path we cannot export from or to, with the fix in the message."""
 
 
 @dataclass
@@ -46,31 +45,16 @@ class Student:
     ema: bool                          # weights are the EMA of the generator
     adapters: dict | None = None       # LoRA-trained student: {module name: (A, B)}, already merged into backbone
     input_scale: float = 1.0           # the first step sees input_scale * z (SiD's scale_input: sigma_{t_0}), not z
+    default_steps: int | None = None   # steps an export samples by default; None: all timesteps
+    consistency: Consistency | None = None  # cd: LCM's boundary condition and guidance input on top of the backbone
+    experts: list | None = None        # phased_dmd: one backbone per timestep, experts[0] is backbone
 
     def denoiser(self):
         return self.teacher.denoiser(self.backbone)
 
-
-def student_timesteps(method_spec: dict, schedule) -> list[int]:
-    """The student's own timesteps from its method options: ``timesteps`` (DMD2, SiD), ``t_init``
-    (DMD, KD), else one step from the schedule's end. Methods that train no few-step student
-    (``sft`` fine-tunes the teacher itself) are refused."""
-    name, options = method_options(method_spec)
-    if name == "meanflow":
-        raise ExportError("a meanflow student takes a second time input (r, through time_cond_proj_dim) that diffusers pipelines "
-                          "do not feed; sample it with diffdistill (the method's sample), export is not supported for it yet")
-    listed = getattr(options, "timesteps", None)
-    if isinstance(listed, list) and listed:
-        timesteps = listed
-    elif hasattr(options, "t_init") or (hasattr(options, "timesteps") and listed is None):
-        t_init = getattr(options, "t_init", None)
-        timesteps = [schedule.t_max if t_init is None else t_init]
-    else:
-        raise ExportError(
-            f"method {name!r} trains no few-step student (it fine-tunes the teacher, sampled with the teacher's "
-            "own many-step scheduler); export a distillation run (dmd, dmd2, kd, sid, ...)"
-        )
-    return check_timesteps(schedule, timesteps)
+    def sampling_net(self):
+        """What the sampler calls: the denoiser, or cd's consistency function around it."""
+        return self.consistency.wrap(self.denoiser()) if self.consistency else self.denoiser()
 
 
 def student_input_scale(method_spec: dict, schedule, timesteps: list) -> float:
@@ -114,16 +98,18 @@ def _chosen_checkpoint(run_dir: Path, which: str) -> Path:
     return root / name
 
 
-def _weights_file(path: Path, ema: bool | None) -> tuple[Path, bool]:
-    """The generator's saved weights (a file, or a folder of shards) and whether they are the EMA."""
-    ema_saved, net_saved = saved_state(path, "ema-generator"), saved_state(path, "net-generator")
+def _weights_file(path: Path, ema: bool | None, names: tuple = ("net-generator", "ema-generator")) -> tuple[Path, bool]:
+    """A student net's saved weights (a file, or a folder of shards) and whether they are the EMA;
+    ``names`` are the raw and EMA state names (phased_dmd: ``net-expert_k``, ``net-ema_k``)."""
+    raw_name, ema_name = names
+    ema_saved, net_saved = saved_state(path, ema_name), saved_state(path, raw_name)
     if ema is None:
         ema = ema_saved is not None
     if ema and ema_saved is None:
-        raise ExportError(f"{path} has no EMA weights (the run had ema_decay=0); export without --ema")
+        raise ExportError(f"{path} has no EMA weights ({ema_name}: the run kept none); export without --ema")
     chosen = ema_saved if ema else net_saved
     if chosen is None:
-        raise ExportError(f"{path} has no generator weights (net-generator.safetensors); was this run trained with a distillation method?")
+        raise ExportError(f"{path} has no student weights ({raw_name}.safetensors); was this run trained with a distillation method?")
     return chosen, ema
 
 
@@ -158,11 +144,12 @@ def _merge_lora(backbone: torch.nn.Module, adapters: dict) -> None:
             weight += delta.reshape(weight.shape).to(weight.dtype)
 
 
-def load_into_backbone(teacher: Teacher, state: dict, source: str) -> tuple[torch.nn.Module, dict | None]:
-    """A copy of the teacher's backbone holding ``state`` (keys without ``backbone.``); any shape or
-    key mismatch is an :class:`ExportError` naming the teacher, never a silent partial load."""
+def load_into_backbone(teacher: Teacher, state: dict, source: str, template=None) -> tuple[torch.nn.Module, dict | None]:
+    """A copy of the teacher's backbone (or of ``template``: cd's adds a guidance input) holding ``state``
+    (keys without ``backbone.``); any shape or key mismatch is an :class:`ExportError` naming the
+    teacher, never a silent partial load."""
     base, adapters = split_lora(state)
-    backbone = copy.deepcopy(teacher.backbone).float()
+    backbone = copy.deepcopy(teacher.backbone if template is None else template).float()
     own = backbone.state_dict()
     if adapters and not base:  # a LoRA student's checkpoint holds its adapters alone: the base is the teacher
         base = dict(own)
@@ -181,21 +168,28 @@ def load_into_backbone(teacher: Teacher, state: dict, source: str) -> tuple[torc
     return backbone.requires_grad_(False).eval(), adapters or None
 
 
+def _load_net(path: Path, names: tuple, ema: bool | None, teacher: Teacher, template) -> tuple[torch.nn.Module, dict | None, bool]:
+    weights, ema = _weights_file(path, ema, names)
+    raw = read_state(weights)
+    if not all(k.startswith("backbone.") for k in raw):
+        raise ExportError(f"{weights} is not a Denoiser state dict (keys should start with 'backbone.')")
+    backbone, adapters = load_into_backbone(teacher, {k[len("backbone."):]: v for k, v in raw.items()}, str(weights), template)
+    return backbone, adapters, ema
+
+
 def load_student(run_dir, *, ema: bool | None = None, teacher: str | None = None, checkpoint: str = "latest") -> Student:
     """A finished checkpoint of ``run_dir`` (``checkpoint``: latest, best or a step) as a :class:`Student`
     (EMA weights if the run kept them, unless ``ema=False``). ``teacher`` overrides the recipe's teacher path (if it moved)."""
     run_dir = Path(run_dir)
     path, state = _checkpoint(run_dir, checkpoint)
     cfg = from_dict(TrainConfig, state["config"])
-    weights, ema = _weights_file(path, ema)
     loaded_teacher = _resolve_teacher(cfg, teacher)
-    timesteps = student_timesteps(cfg.method, loaded_teacher.schedule)
-    raw = read_state(weights)
-    if not all(k.startswith("backbone.") for k in raw):
-        raise ExportError(f"{weights} is not a generator Denoiser state dict (keys should start with 'backbone.')")
-    backbone, adapters = load_into_backbone(loaded_teacher, {k[len("backbone."):]: v for k, v in raw.items()}, str(weights))
-    scale = student_input_scale(cfg.method, loaded_teacher.schedule, timesteps)
-    return Student(loaded_teacher, backbone, timesteps, cfg, cfg.method["name"], run_dir, path, int(state["step"]), ema, adapters, scale)
+    spec = student_spec(cfg.method, loaded_teacher, cfg)
+    loaded = [_load_net(path, names, ema, loaded_teacher, spec.template) for names in spec.nets]
+    backbone, adapters, used_ema = loaded[0]
+    scale = student_input_scale(cfg.method, loaded_teacher.schedule, spec.timesteps)
+    return Student(loaded_teacher, backbone, spec.timesteps, cfg, cfg.method["name"], run_dir, path, int(state["step"]), used_ema, adapters, scale,
+                   spec.default_steps, spec.consistency, [b for b, _, _ in loaded] if spec.experts else None)
 
 
 def inference_timesteps(timesteps: list, steps: int) -> list:
@@ -214,5 +208,15 @@ def reference_sample(student: Student, prompts: list, steps: int, generator: tor
     device = next(student.backbone.parameters()).device
     cond = encode_prompts(student.teacher.pipe, prompts, device)
     noise = torch.randn((len(prompts), *student.teacher.latent_shape), generator=generator, device=generator.device).to(device)
+    if student.experts:
+        return expert_chain(student, noise, cond)
     timesteps = inference_timesteps(student.timesteps, steps)
-    return sample_student(student.denoiser(), student.teacher.schedule, timesteps, noise * student.input_scale, cond, generator)
+    return sample_student(student.sampling_net(), student.teacher.schedule, timesteps, noise * student.input_scale, cond, generator)
+
+
+def expert_chain(student: Student, noise: torch.Tensor, cond: dict) -> torch.Tensor:
+    """phased_dmd's sampler: expert k takes x from t_k to t_{k+1} by one deterministic step (the last to x0)."""
+    x, schedule, timesteps = noise, student.teacher.schedule, student.timesteps
+    for k, backbone in enumerate(student.experts):
+        x = expert_step(student.teacher.denoiser(backbone), schedule, x, timesteps[k], (timesteps[k + 1:] or [None])[0], cond)
+    return x

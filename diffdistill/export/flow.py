@@ -1,0 +1,132 @@
+"""Flow-matching students in a diffusers folder: the teacher's pipeline class (SD3 now; Flux and SANA
+slot in through :data:`FLOW_FAMILIES`) with a ``FlowMatchEulerDiscreteScheduler`` that runs the
+student's own sampler.
+
+The scheduler's settings, and why:
+
+* ``shift = 1.0``, ``use_dynamic_shifting = False``: the scheduler shifts every sigma it is handed,
+  ``sigmas=[...]`` from the caller included, so any other shift (SD3's teacher has 3.0) would move
+  the student off the sigmas it was trained on. With 1.0 a sigma goes through untouched.
+* ``stochastic_sampling = True``: a step computes ``x0 = x - sigma v`` and re-noises it with fresh
+  noise to the next sigma, ``(1 - s') x0 + s' eps'``: exactly :func:`diffdistill.generator.generate`.
+  The scheduler appends sigma 0, so the last step returns x0. (Phased experts step deterministically:
+  ``False``, where Euler's ``x + (s' - s) v`` is DDIM's step for flow.)
+* ``num_train_timesteps`` is the teacher's, so the network sees ``sigma * 1000`` as in training.
+
+Which K a plain ``pipe(prompt, num_inference_steps=K)`` gets right depends on what the pipeline
+asks the scheduler for (:attr:`FlowFamily.plain_sigmas`). SD3 (and SANA) hand it no sigmas, so it
+spaces ``linspace(1, 1/1000, K)``: exact for one step from t = 1 (DMD2's and DMD's default), not for
+a few-step schedule such as [1, .75, .5, .25]. Flux hands it ``linspace(1, 1/K, K)``, which is that
+schedule. No scheduler setting can make SD3's spacing land on a trailing few-step schedule
+(``shift_terminal`` stretches it, but turns K = 1 into 0/0), so where a plain call is not exact the
+card and the export's check pass the student's ``sigmas=[...]``.
+
+Guidance is baked into the student. SD3's pipeline runs CFG whenever ``guidance_scale > 1`` (default
+7.0) and has no config switch for it (unlike SD's ``time_cond_proj_dim``), so every call, in the card
+and in the check, passes ``guidance_scale=1.0``: the one way a stock pipeline runs the student alone.
+
+Randomness: SD3's and Flux's pipelines call ``scheduler.step`` without the caller's generator, so the
+re-noising draws from torch's global generator. Seeding with ``generator=torch.manual_seed(seed)``
+(which is the global generator) makes the pipeline draw what diffdistill's sampler draws.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from diffdistill.conditioning import sd3_text_length
+from diffdistill.export.errors import ExportError
+from diffdistill.export.student import Student, inference_timesteps
+
+SD3_DEFAULT_TEXT_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length default
+
+
+def _sd3_call(pipe) -> dict:
+    """CFG off (guidance is baked in); T5 padded to the length diffdistill conditioned the student on."""
+    length = sd3_text_length(pipe)
+    return {"guidance_scale": 1.0, **({} if length == SD3_DEFAULT_TEXT_LENGTH else {"max_sequence_length": length})}
+
+
+@dataclass(frozen=True)
+class FlowFamily:
+    """One flow pipeline class, as the export needs it (the extension point for Flux and SANA)."""
+
+    plain_sigmas: Callable[[int], list | None]        # what a plain num_inference_steps=K call hands the scheduler (None: its own spacing)
+    call_kwargs: Callable[[object], dict]            # what every call needs: CFG off, the text length trained on, ...
+    notes: list = field(default_factory=list)        # family-specific lines for the card
+    latents: Callable = lambda pipe, x: x            # output_type="latent" in the student's layout (Flux: unpack the 2x2 patches)
+
+
+# Flux (FluxPipeline) hands the scheduler linspace(1, 1/K, K), calls scheduler.step without a generator and returns
+# packed latents; SANA (SanaPipeline) hands it no sigmas, runs CFG above guidance_scale 1 and bins resolutions unless
+# use_resolution_binning=False. Each is one entry here once its backbone and prompt encoder exist.
+FLOW_FAMILIES = {
+    "StableDiffusion3Pipeline": FlowFamily(
+        plain_sigmas=lambda k: None, call_kwargs=_sd3_call,
+        notes=[("`guidance_scale=1.0` is required: StableDiffusion3Pipeline runs classifier-free guidance whenever it is above 1 "
+                "(its default is 7.0), which doubles the work and pushes the baked-in guidance twice.")]),
+}
+
+
+def flow_family(student: Student) -> FlowFamily:
+    name = type(student.teacher.pipe).__name__
+    if name not in FLOW_FAMILIES:
+        raise ExportError(f"no diffusers export for flow-matching {name} students yet (supported: {', '.join(FLOW_FAMILIES)}); "
+                          "use --format single-file")
+    return FLOW_FAMILIES[name]
+
+
+def flow_scheduler(student: Student, deterministic: bool = False) -> FlowMatchEulerDiscreteScheduler:
+    """FlowMatchEulerDiscreteScheduler that re-noises (or, ``deterministic``, Euler-steps) through the student's sigmas."""
+    if student.teacher.prediction_type != "flow":
+        raise ExportError(f"a flow-matching teacher predicting {student.teacher.prediction_type!r} has no diffusers scheduler here; use --format single-file")
+    if student.input_scale != 1.0:
+        raise ExportError(f"this student starts from {student.input_scale:.4g} * z (SiD's scale_input), and diffusers pipelines start "
+                          "from unit noise: use --format single-file, or train with method.scale_input=false")
+    if student.consistency is not None:
+        raise ExportError("a cd (consistency) student of a flow teacher needs LCM's boundary condition, which no diffusers flow scheduler "
+                          "applies; use --format single-file")
+    num_train = int(student.teacher.pipe.scheduler.config.get("num_train_timesteps", 1000))
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train, shift=1.0, use_dynamic_shifting=False,
+                                           stochastic_sampling=not deterministic)
+
+
+def student_sigmas(student: Student, steps: int) -> list[float]:
+    return [float(t) for t in inference_timesteps(student.timesteps, steps)]
+
+
+def pipeline_sigmas(scheduler, family: FlowFamily, steps: int) -> torch.Tensor:
+    """The sigmas a plain ``num_inference_steps=steps`` call runs (without the appended 0)."""
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(num_inference_steps=steps, sigmas=family.plain_sigmas(steps))
+    return probe.sigmas[:-1].float()
+
+
+def plain_steps(student: Student, scheduler) -> list[int]:
+    """The K for which a plain ``num_inference_steps=K`` call runs exactly the student's sigmas (float32, as the network sees them)."""
+    family = flow_family(student)
+    return [k for k in range(1, len(student.timesteps) + 1)
+            if torch.equal(pipeline_sigmas(scheduler, family, k), torch.tensor(student_sigmas(student, k), dtype=torch.float32))]
+
+
+def flow_call(student: Student, pipe, steps: int) -> dict:
+    """The keyword arguments of the K-step call that reproduces the student (the card shows the same)."""
+    family = flow_family(student)
+    step_arg = {"num_inference_steps": steps} if steps in plain_steps(student, pipe.scheduler) else {"sigmas": student_sigmas(student, steps)}
+    return {**step_arg, **family.call_kwargs(pipe)}
+
+
+def flow_notes(student: Student, pipe) -> list[str]:
+    plain = plain_steps(student, pipe.scheduler)
+    exact = f"exact for K in {plain}" if plain else "exact for no K"
+    notes = [(f"The scheduler is FlowMatchEulerDiscreteScheduler with shift 1.0, no dynamic shifting and stochastic sampling: each step "
+              f"predicts x0 and re-noises it to the next sigma, the student's own sampler. A plain `num_inference_steps=K` call is {exact}; "
+              f"for other K pass the student's `sigmas=` (K of {[float(t) for t in student.timesteps]}, evenly by index)."),
+             ("Re-noising draws from torch's global generator (the pipeline passes no generator to `scheduler.step`): seed with "
+              "`generator=torch.manual_seed(seed)` to reproduce a sample.")]
+    return notes + list(flow_family(student).notes)
