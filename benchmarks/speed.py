@@ -9,10 +9,15 @@ as measured in the same calls: what no one-step sampler can beat.
 
     python benchmarks/speed.py --teacher TEACHER_DIR --student EXPORTED_DIR             # 50 steps, CFG 7.5
     python benchmarks/speed.py --tiny --teacher-steps 50 --json speed.json             # tiny SD, built here
+    python benchmarks/speed.py --tiny sd3 --teacher-steps 28 --batch 64                 # tiny SD3 (or flux), exported here
 
 ``--tiny`` writes the tiny SD pipeline (``diffdistill tiny-sd``) as teacher and, without
 ``--student``, a student of the same architecture (its zero guidance embedding and one-step
-LCMScheduler; latency does not depend on the weights). Prints a markdown table.
+LCMScheduler; latency does not depend on the weights). ``--tiny sd3|flux`` writes that tiny
+flow-matching pipeline, trains its one-step DMD2 student for two steps and exports it with
+``diffdistill export``; the student is called exactly as its model card says (no CFG, the
+student's sigma), the teacher as its pipeline's default (SD3: CFG, two evaluations a step;
+Flux: its guidance embedding, one). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -85,21 +90,22 @@ class Breakdown:
         self.evaluations += self._batch
 
 
-def _call(pipe, prompts: list, steps: int, guidance: float, seed: int):
+def _call(pipe, prompts: list, steps: int, guidance: float, seed: int, extra: dict):
     generator = torch.Generator("cpu").manual_seed(seed)
     if type(pipe).__name__ == "DiTPipeline":  # class-conditional: "prompts" become class ids
         labels = [i % 10 for i in range(len(prompts))]
         return pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="pt")
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="pt")
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, **extra}
+    return pipe(prompts, generator=generator, output_type="pt", **kwargs)
 
 
-def timed_call(pipe, timer: Breakdown, prompts: list, steps: int, guidance: float, seed: int, device: str) -> dict:
+def timed_call(pipe, timer: Breakdown, prompts: list, steps: int, guidance: float, seed: int, device: str, extra: dict) -> dict:
     """One pipeline call: its wall time and the breakdown, all for the whole batch."""
     timer.reset()
     _sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        _call(pipe, prompts, steps, guidance, seed)
+        _call(pipe, prompts, steps, guidance, seed, extra)
     _sync(device)
     return {"total": time.perf_counter() - t0, **timer.times, "calls": timer.calls, "evaluations": timer.evaluations // len(prompts)}
 
@@ -114,15 +120,21 @@ def summarize(runs: list, n: int, steps: int, guidance: float) -> dict:
             "per_image_s": per_image, "stdev_s": statistics.pstdev(r["total"] for r in runs) / n, "repeats": len(runs)}
 
 
-def measure_pair(teacher, student, prompts: list, args) -> dict:
-    """Teacher and student calls alternate, so a busy machine slows both alike."""
-    settings = {"teacher": (teacher, args.teacher_steps, args.teacher_guidance), "student": (student, args.student_steps, 1.0)}
+def measure_pair(teacher, student, prompts: list, args, student_call: dict | None = None) -> dict:
+    """Teacher and student calls alternate, so a busy machine slows both alike. ``student_call``: the
+    student's call as its export says it (steps and guidance in it win; sizes apply to both)."""
+    student_call = dict(student_call or {})
+    student_steps = student_call.pop("num_inference_steps", args.student_steps)
+    student_guidance = student_call.pop("guidance_scale", 1.0)
+    shared = {k: v for k, v in student_call.items() if k != "sigmas"}  # sizes, text length
+    calls = {"teacher": shared, "student": student_call}
+    settings = {"teacher": (teacher, args.teacher_steps, args.teacher_guidance), "student": (student, student_steps, student_guidance)}
     timers = {name: Breakdown(pipe, args.device) for name, (pipe, _, _) in settings.items()}
     runs = {name: [] for name in settings}
     for i in range(args.warmup + args.repeats):
         for name, (pipe, steps, guidance) in settings.items():
             pipe.set_progress_bar_config(disable=True)
-            run = timed_call(pipe, timers[name], prompts, steps, guidance, i, args.device)
+            run = timed_call(pipe, timers[name], prompts, steps, guidance, i, args.device, calls[name])
             if i >= args.warmup:
                 runs[name].append(run)
     return {name: summarize(runs[name], len(prompts), steps, guidance) for name, (_, steps, guidance) in settings.items()}
@@ -134,6 +146,22 @@ def tiny_teacher(out: Path) -> Path:
 
     write_tiny_pipeline(out / "teacher", "unet", 0)
     return out / "teacher"
+
+
+def tiny_flow_pair(arch: str, out: Path) -> tuple[Path, Path, dict]:
+    """The tiny ``arch`` pipeline as a teacher folder, its one-step DMD2 student trained two steps and
+    exported; returns (teacher folder, student folder, the student's call from its export)."""
+    from diffdistill.backbones.tiny import write_tiny_pipeline
+    from diffdistill.config import load_recipe
+    from diffdistill.export import export_run
+    from diffdistill.run import train
+
+    teacher = write_tiny_pipeline(out / "teacher", arch, 0)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "dmd2.yaml"
+    overrides = [f"teacher={teacher}", f"out={out / 'run'}", "data.source=prompts", f"data.prompts={PROMPTS}", "method.gan_weight=0", "method.timesteps=[1.0]",
+                 "method.ratio=1", "max_steps=2", "batch_size=2"]
+    info = export_run(train(load_recipe(recipe, overrides)), out / "student", steps=1)
+    return teacher, out / "student", info["call"]
 
 
 def student_like(teacher_dir: Path, device: str, dtype):
@@ -179,7 +207,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", help="teacher pipeline folder")
     parser.add_argument("--student", help="exported student folder (diffdistill export)")
-    parser.add_argument("--tiny", action="store_true", help="use the tiny SD pipeline written here as teacher")
+    parser.add_argument("--tiny", nargs="?", const="unet", choices=("unet", "sd3", "flux"),
+                        help="use a tiny pipeline written here as teacher: unet (default), or sd3 / flux with an exported student")
     parser.add_argument("--teacher-steps", type=int, default=50)
     parser.add_argument("--teacher-guidance", type=float, default=7.5, help="> 1 runs CFG: two backbone evaluations a step")
     parser.add_argument("--student-steps", type=int, default=1)
@@ -198,11 +227,16 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_dir = Path(args.teacher) if args.teacher else tiny_teacher(Path(tmp))
+        student_call = None
+        if args.tiny in ("sd3", "flux") and not args.teacher:
+            teacher_dir, student_dir, student_call = tiny_flow_pair(args.tiny, Path(tmp))
+            args.student = args.student or str(student_dir)
+        else:
+            teacher_dir = Path(args.teacher) if args.teacher else tiny_teacher(Path(tmp))
         student = load(args.student, args.device, dtype) if args.student else student_like(teacher_dir, args.device, dtype)
         teacher = load(teacher_dir, args.device, dtype)
         result = {
-            **measure_pair(teacher, student, prompts, args),
+            **measure_pair(teacher, student, prompts, args, student_call),
             "device": args.device, "dtype": args.dtype, "batch": args.batch, "threads": torch.get_num_threads(),
             "student_source": args.student or "teacher architecture with the export's one-step scheduler",
         }
