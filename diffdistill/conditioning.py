@@ -15,6 +15,8 @@ import inspect
 
 import torch
 
+from diffdistill.config import ConfigError
+
 
 def _sd(pipe, prompts, device):
     embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
@@ -87,7 +89,8 @@ def _dit(pipe, prompts, device):
         elif str(p) in names:
             labels.append(names[str(p)])
         else:
-            raise ValueError(f"DiT is class-conditional; {p!r} is neither a class id nor a label name")
+            raise ConfigError(f"DiT is class-conditional; {p!r} is neither a class id nor a label name: give class ids or label "
+                              "names as prompts (e.g. data.prompts=[\"1\",\"7\"]); captioned data needs a text-conditioned teacher")
     return {"class_labels": torch.tensor(labels, device=device, dtype=torch.long)}
 
 

@@ -74,6 +74,12 @@ def _sd3(model, x, timestep, cond):
     )[0]
 
 
+def vae_scale_factor(pipe) -> int:
+    """Pixels per latent side. DiTPipeline sets no ``vae_scale_factor``; its VAE downsamples once per block but the last."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    return factor if factor is not None else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
 def takes_guidance(model: torch.nn.Module) -> bool:
     """Whether a backbone embeds the guidance scale as an input (guidance-distilled: Flux.1-dev), so that
     guidance at w is one pass with that input at w, never a classifier-free pair."""

@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from diffdistill.backbones import SUPPORTED_BACKBONES, backbone_kind, takes_guidance
+from diffdistill.backbones import SUPPORTED_BACKBONES, backbone_kind, takes_guidance, vae_scale_factor
 from diffdistill.backbones.meta import empty_pipeline
 from diffdistill.denoiser import Denoiser
 from diffdistill.schedules import schedule_from_scheduler_config
@@ -171,11 +171,11 @@ def image_tokens(teacher: Teacher) -> int:
 def set_resolution(teacher: Teacher, pixels: int) -> None:
     """A backbone without a sample_size (Flux) samples at ``pixels`` (``data.resolution``): its latent side,
     and the schedule's resolution-dependent shift with it."""
-    factor = teacher.pipe.vae_scale_factor * (2 if teacher.kind == "flux" else 1)  # Flux's side: a multiple of the 2x2 packing
+    factor = vae_scale_factor(teacher.pipe) * (2 if teacher.kind == "flux" else 1)  # Flux's side: a multiple of the 2x2 packing
     if pixels % factor:
         raise ValueError(f"data.resolution={pixels} is not a multiple of {factor}, which this {teacher.kind} teacher's latents need")
     channels = teacher.latent_shape[0]
-    teacher.data_shape = (channels, pixels // teacher.pipe.vae_scale_factor, pixels // teacher.pipe.vae_scale_factor)
+    teacher.data_shape = (channels, pixels // vae_scale_factor(teacher.pipe), pixels // vae_scale_factor(teacher.pipe))
     set_schedule(teacher)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from diffdistill.backbones import vae_scale_factor
 from diffdistill.data.digits import digit_prompt, load_digits_images
 from diffdistill.data.hf_dataset import HFDatasetImages
 from diffdistill.data.latent_shards import LatentShards, write_latent_shards
@@ -71,7 +72,7 @@ def _latent_mean(encoded) -> torch.Tensor:
 def image_resolution(teacher, data_cfg) -> int:
     if data_cfg.resolution is not None:
         return data_cfg.resolution
-    return teacher.latent_shape[-1] * teacher.pipe.vae_scale_factor
+    return teacher.latent_shape[-1] * vae_scale_factor(teacher.pipe)
 
 
 def image_source(cfg, teacher):
