@@ -20,7 +20,7 @@ import contextlib
 import torch
 from torch import nn
 
-from diffdistill.backbones import feature_module
+from diffdistill.backbones import feature_module, feature_modules
 from diffdistill.conditioning import cond_cat
 from diffdistill.denoiser import Denoiser, add_lora, base_copy, native_from_x0
 from diffdistill.schedules import add_noise
@@ -77,15 +77,44 @@ class FeatureTap:
     @contextlib.contextmanager
     def reading(self):
         def hook(module, args, output):
-            # SD3's and Flux's joint blocks return (text tokens, image tokens), and SD3's last block
-            # returns no text tokens at all: the image's features are the last element
-            self.value = output[-1] if isinstance(output, tuple) else output
+            self.value = block_output(output)
 
         handle = self.module.register_forward_hook(hook)
         try:
             yield self
         finally:
             handle.remove()
+
+
+def block_output(output):
+    """A block's image features: SD3's and Flux's joint blocks return (text tokens, image tokens), SD3's
+    last block (None, image tokens), a UNet down block (hidden states, skip connections): the last tensor."""
+    if isinstance(output, tuple):
+        return [o for o in output if torch.is_tensor(o)][-1]
+    return output
+
+
+class LayerTaps:
+    """Captures the outputs of several of a backbone's blocks (``backbones.feature_modules``) in one
+    forward pass, in block order, with their graph: LADD's heads read the frozen teacher this way."""
+
+    def __init__(self, backbone: nn.Module, indices: list[int] | None = None):
+        self.modules = feature_modules(getattr(backbone, "module", backbone), indices)
+        self.values: list = [None] * len(self.modules)
+
+    @contextlib.contextmanager
+    def reading(self):
+        def hook_for(i):
+            def hook(module, args, output):
+                self.values[i] = block_output(output)
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(self.modules)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
 
 
 class GANHead(nn.Module):
