@@ -276,7 +276,7 @@ METHOD_DEFAULTS = {
     "phased_dmd": {"name": "phased_dmd", "guidance": 1.0, "timesteps": [999, 749], "ratio": 3, "critic_weighting": "x0", "expert_ema": 0.98},
     # LADD: heads on the exact teacher's input, posterior and x0 (its feature_layers), hinge, real = the teacher's ODE
     # samples; 4 head updates per generator update (FastGen's 4:1) and low re-noising (ring8's modes are 0.1 wide)
-    "ladd": {"name": "ladd", "ratio": 4, "t_mean": -1.0, "teacher_samples": 2048, "teacher_steps": 50},
+    "ladd": {"name": "ladd", "ratio": 4, "t_mean": -1.0, "teacher_samples": 2048, "teacher_steps": 25},
 }
 
 # Training settings per method beyond its options (train_on_toy's keywords), used by benchmarks/toy2d.py
