@@ -5,6 +5,9 @@ input and gives one logit per sample. The generator takes the non-saturating ter
 (Goodfellow et al. 2014); the head (and, with critic features, the critic's encoder) minimizes the
 logistic loss softplus(l(x~_fake)) + softplus(-l(x~_real)), whose optimum is l = log p_t(x)/q_t(x),
 the log density ratio of real to generated data at that noise level (f-distill reads it back).
+
+LADD's discriminator (below) is several heads, one per block of the frozen teacher, each conditioned on
+t and the pooled prompt, with the hinge loss (ADD's) or the same logistic loss, summed over heads.
 """
 
 from __future__ import annotations
