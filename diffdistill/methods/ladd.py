@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffdistill.conditioning import cond_cat
 from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
 from diffdistill.methods.adversarial import (
     GAN_LOSSES,
@@ -128,8 +129,9 @@ class LADD:
         with torch.no_grad():
             x = self._student(batch, n)
         real, real_cond = self._real(batch, n, rng)
-        fake_logits = self.logits(x, batch["cond"], rng, grad=False)
-        real_logits = self.logits(real, real_cond, rng, grad=False)
+        # one teacher pass and one heads call on both halves (each sample its own t and eps): under DDP the
+        # heads run forward once per backward
+        fake_logits, real_logits = self.logits(torch.cat([x, real.to(x.dtype)]), cond_cat(batch["cond"], real_cond), rng, grad=False).chunk(2)
         loss = discriminator_adversarial_loss(real_logits, fake_logits, self.options.loss)
         return loss, {"loss_adv_d": loss.mean().item(), "real_logit": real_logits.mean().item(), "fake_logit": fake_logits.mean().item()}
 
