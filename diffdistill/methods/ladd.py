@@ -26,11 +26,14 @@ softplus(-D_real) for the heads). Heads update ``ratio`` times per generator upd
 ``student_update_freq`` 5, i.e. 4:1; 2 for Wan).
 
 **Unverified here** (the paper's text was not retrieved; FastGen read, not run): that LADD's heads
-use the hinge loss; the exact head architecture (ours: a per-token MLP with additive conditioning)
+use the hinge loss; the logit-normal's m = 1, s = 1 (recalled, and "shifted toward high noise" in our
+formula sheet); the exact head architecture (ours: a per-token MLP with additive conditioning)
 and which blocks they read (ours: every block by default); whether the logit-normal applies before
 or after SD3's timestep shift (ours: the schedule's shift is applied to it, as for SD3 training
 times). Few-step students take their inputs by backward simulation (DMD2), where ADD, LADD and
 FastGen noise real samples to the student's timesteps. No R1 penalty (FastGen's optional approximate R1).
+The teacher runs its whole forward pass even past the last block the heads read (FastGen stops early).
+On the toy (``diffdistill.toy``, ring8) it needs a kd warm start, 4:1 and a low generator lr: see benchmarks/toy2d.py.
 """
 
 from __future__ import annotations
