@@ -27,6 +27,19 @@ sample, ~47% between modes after 1,900 dmd2 generator steps): the DM gradient ca
 "staircase" in angle that eight modes need only slowly (kd's exact per-sample targets get there in
 ~2,000 steps), and no change of lr, schedule, EMA, ratio, normalization, t range, depth or width fixed
 that within minutes; a kd warm start does, and the DM phase must then run at a lower generator lr.
+
+The ladd row: heads on the exact teacher's input, posterior over modes and x0 (its ``feature_layers``),
+"real" samples from a pool of 2,048 teacher ODE samples (25 DDIM steps; a pool of 1,024 left the shrunk-ring
+repair at ED 0.0114 against 0.0083), the same kd warm start, generator lr 3e-5, heads lr 1e-3, 4 head updates
+per generator update, t ~ sigmoid(N(-1, 1)). Measured from the shrunk-ring start (one thread, load 5-8): from
+scratch the generator ran off (ED > 1 after 400 steps at lr 1e-3 or 1e-4); at 1:1 and lr 1e-4 the ring
+blurred (spread ratio 1.9 after 300 generator steps, hinge or non-saturating); 4:1 at lr 3e-5 repaired it
+(ED 0.0044 after 200 steps at m = -1, 0.0067 at the paper's m = 1, non-saturating 0.0048). From a kd student
+of seven of the eight modes, 300 steps moved the dropped mode's mass from 0.06 to 0.46 of its share while
+the ring blurred (ED 0.026): LADD brings a mode back only slowly here. On ring8 (--jobs 2, load 4-5): at 3
+minutes ladd ED 0.0080 / 9.5% between (896 generator steps), kd 0.0038 / 3.8%; at 10 minutes ladd 0.0063 / 9.4%
+(2,912 generator steps), kd 0.0040 / 2.4%: LADD holds the warm start's modes and sharpens the energy distance
+slowly, but does not lower the between-mode share the warm start leaves (~10%).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from diffdistill.backbones import feature_module
+from diffdistill.backbones import feature_module, feature_modules
 from diffdistill.conditioning import cond_cat
 from diffdistill.denoiser import Denoiser, add_lora, base_copy, embeds_guidance, native_from_x0, with_embedded_guidance
 from diffdistill.schedules import add_noise
@@ -90,9 +90,7 @@ class FeatureTap:
     @contextlib.contextmanager
     def reading(self, stop: bool = False):
         def hook(module, args, output):
-            # SD3's and Flux's joint blocks return (text tokens, image tokens), and SD3's last block
-            # returns no text tokens at all: the image's features are the last element
-            self.value = output[-1] if isinstance(output, tuple) else output
+            self.value = block_output(output)
             if stop:
                 raise FeaturesRead
 
@@ -110,6 +108,37 @@ def can_stop_early(net: nn.Module) -> bool:
     reduction after the forward returns, and FSDP reshards after it; neither happens when the
     forward raises, so wrapped or sharded nets run whole."""
     return not hasattr(net, "module") and not any(isinstance(m, FSDPModule) for m in (net, getattr(net, "backbone", net)))
+
+
+def block_output(output):
+    """A block's image features: SD3's and Flux's joint blocks return (text tokens, image tokens), SD3's
+    last block (None, image tokens), a UNet down block (hidden states, skip connections): the last tensor."""
+    if isinstance(output, tuple):
+        return [o for o in output if torch.is_tensor(o)][-1]
+    return output
+
+
+class LayerTaps:
+    """Captures the outputs of several of a backbone's blocks (``backbones.feature_modules``) in one
+    forward pass, in block order, with their graph: LADD's heads read the frozen teacher this way."""
+
+    def __init__(self, backbone: nn.Module, indices: list[int] | None = None):
+        self.modules = feature_modules(getattr(backbone, "module", backbone), indices)
+        self.values: list = [None] * len(self.modules)
+
+    @contextlib.contextmanager
+    def reading(self):
+        def hook_for(i):
+            def hook(module, args, output):
+                self.values[i] = block_output(output)
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(self.modules)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
 
 
 class GANHead(nn.Module):

@@ -54,12 +54,17 @@ class GaussianMixture:
         logits, _ = self._component_logits(x, alpha, sigma)
         return torch.logsumexp(logits, 1) - math.log(len(self.means))
 
-    def x0(self, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def responsibilities(self, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """r_k = p(component k | x_t), (n, K) in float64."""
+        logits, _ = self._component_logits(x_t.double(), alpha.double().view(-1, 1), sigma.double().view(-1, 1))
+        return torch.softmax(logits, 1)
+
+    def x0(self, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
         """Tweedie: E[x0 | x_t] = sum_k r_k (mu_k + alpha s^2 / v (x_t - alpha mu_k)), in float64."""
         x = x_t.double()
+        r = self.responsibilities(x_t, alpha, sigma) if r is None else r    # (n, K)
         alpha, sigma = alpha.double().view(-1, 1), sigma.double().view(-1, 1)
-        logits, var = self._component_logits(x, alpha, sigma)
-        r = torch.softmax(logits, 1)                                         # (n, K)
+        var = alpha**2 * self.std**2 + sigma**2                              # (n, 1)
         gain = (alpha * self.std**2 / var)[:, :, None]                       # (n, 1, 1)
         per_component = self.means[None] + gain * (x[:, None, :] - alpha[:, :, None] * self.means[None])
         return (r[:, :, None] * per_component).sum(1).to(x_t.dtype)
@@ -80,7 +85,11 @@ TARGETS = {"ring8": ring8, "grid25": grid25}
 
 
 class ExactDenoiserNet(nn.Module):
-    """The exact x0 of a mixture as a backbone (prediction type 'sample')."""
+    """The exact x0 of a mixture as a backbone (prediction type 'sample').
+
+    Its input x_t and its two stages, the posterior over components r(x_t) and x0 = E[x0 | x_t], pass
+    through identity ``feature_layers``, where hooks read them as a network's block outputs (LADD's
+    heads on the teacher; the input matters: far from the data r and x0 saturate and tell nothing)."""
 
     backbone_kind = "plain"
 
@@ -88,9 +97,13 @@ class ExactDenoiserNet(nn.Module):
         super().__init__()
         self.mixture, self.schedule = mixture, schedule
         self.register_buffer("anchor", torch.zeros(()))  # gives the module a device
+        self.feature_layers = nn.ModuleList([nn.Identity(), nn.Identity(), nn.Identity()])
 
     def forward(self, x, timestep, cond):
-        return self.mixture.x0(x, self.schedule.alpha(timestep, torch.float64), self.schedule.sigma(timestep, torch.float64)).float()
+        alpha, sigma = self.schedule.alpha(timestep, torch.float64), self.schedule.sigma(timestep, torch.float64)
+        x = self.feature_layers[0](x)
+        r = self.feature_layers[1](self.mixture.responsibilities(x, alpha, sigma))
+        return self.feature_layers[2](self.mixture.x0(x, alpha, sigma, r)).float()
 
 
 class MLPDenoiserNet(nn.Module):
@@ -277,6 +290,9 @@ METHOD_DEFAULTS = {
     # scale 10 0.24 and scale 1000 1.08 (757 steps); two steps halve the one-step ED.
     "meanflow": {"name": "meanflow", "interval_embedding_dim": 16},
     "phased_dmd": {"name": "phased_dmd", "guidance": 1.0, "timesteps": [999, 749], "ratio": 3, "critic_weighting": "x0", "expert_ema": 0.98},
+    # LADD: heads on the exact teacher's input, posterior and x0 (its feature_layers), hinge, real = the teacher's ODE
+    # samples; 4 head updates per generator update (FastGen's 4:1) and low re-noising (ring8's modes are 0.1 wide)
+    "ladd": {"name": "ladd", "ratio": 4, "t_mean": -1.0, "teacher_samples": 2048, "teacher_steps": 25},
 }
 
 # Training settings per method beyond its options (train_on_toy's keywords), used by benchmarks/toy2d.py
@@ -304,6 +320,9 @@ METHOD_DEFAULTS = {
 DM_TOY_TRAINING = {"widths": (128, 3, 128, 3), "warm_start": 2000, "lr": 1e-4, "critic_lr": 1e-3, "ema_decay": 0.99}
 TRAIN_DEFAULTS: dict[str, dict] = {name: dict(DM_TOY_TRAINING) for name in ("dmd", "dmd2", "sid", "sim", "fdistill", "diff_instruct")}
 TRAIN_DEFAULTS["meanflow"] = {"widths": (128, 3, 128, 3)}
+# LADD's generator at lr 3e-5 (heads at 1e-3): at 1e-4 with one head update per generator update it blurred the
+# ring (spread ratio 1.9 after 300 generator steps); see the ladd row's note in benchmarks/toy2d.py.
+TRAIN_DEFAULTS["ladd"] = {**DM_TOY_TRAINING, "lr": 3e-5}
 
 # sCM's students need a smooth time embedding (Lu & Song 2024, Sec. 4.1: large Fourier scales make the
 # jvp's time derivative explode); the toy MLP's default frequencies reach 100, which diverged here.

@@ -151,5 +151,25 @@ def feature_module(model: torch.nn.Module) -> torch.nn.Module:
     )
 
 
+def feature_modules(model: torch.nn.Module, indices: list[int] | None = None) -> list[torch.nn.Module]:
+    """Several places to read features (LADD's discriminator heads on the teacher): a UNet's down
+    blocks then its mid block, a transformer's blocks, or the modules our own networks list as
+    ``feature_layers``. ``indices`` picks some of them (negative counts from the end); None: all."""
+    if isinstance(getattr(model, "feature_layers", None), torch.nn.ModuleList):
+        layers = list(model.feature_layers)
+    elif getattr(model, "mid_block", None) is not None:
+        layers = [*model.down_blocks, model.mid_block]
+    elif getattr(model, "transformer_blocks", None) is not None and len(model.transformer_blocks) > 0:
+        layers = list(model.transformer_blocks)
+    else:
+        raise ValueError(f"{type(model).__name__} has no down/mid blocks, transformer_blocks or feature_layers to read features from")
+    if indices is None:
+        return layers
+    bad = [i for i in indices if not -len(layers) <= i < len(layers)]
+    if bad or not indices:
+        raise ValueError(f"feature layers {indices}: this backbone has {len(layers)} (indices 0..{len(layers) - 1}, or negative from the end)")
+    return [layers[i] for i in indices]
+
+
 def call_backbone(kind: str, model, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
     return _CALLS[kind](model, x, timestep, cond)

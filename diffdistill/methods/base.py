@@ -41,7 +41,8 @@ class Method(Protocol):
 
 # name -> (options dataclass, builder(options, teacher, train_cfg, prompts) -> Method)
 METHODS: dict[str, tuple[type, Callable]] = {}
-_MODULES = ("sft", "kd", "dmd", "dmd2", "sid", "sim", "fdistill", "diff_instruct", "consistency", "scm", "rcm", "phased_dmd", "meanflow")  # imported on first use so a recipe's method registers itself
+# imported on first use so a recipe's method registers itself
+_MODULES = ("sft", "kd", "dmd", "dmd2", "sid", "sim", "fdistill", "diff_instruct", "consistency", "scm", "rcm", "phased_dmd", "meanflow", "ladd")
 
 
 def register_method(name: str, options_cls: type):
