@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import sys
 import tempfile
 import time
@@ -138,7 +139,9 @@ def steps_for_every_phase(method, limit: int = 16) -> int:
 
 def one_line(error: BaseException, workdir: Path | None = None) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
-    return text.replace(str(workdir), "RUN_DIR") if workdir else text  # the same reason reads the same in every cell
+    if workdir:  # the same reason reads the same in every cell
+        text = re.sub(r"step-\d+", "step-N", text.replace(str(workdir), "RUN_DIR"))
+    return text
 
 
 def bug(error: BaseException) -> str:
@@ -201,7 +204,7 @@ def label(result: Cell, notes: list[str]) -> str:
         tested = ", tested" if len(parts) == 2 else f", {parts[0]} tested" if parts else ""
         return f"run+export{tested}"
     kind = "BUG" if result.exports.startswith("bug") else "refused"
-    tested = ", run tested" if "run" in tests else ""
+    tested = ", tested" if {"run", "refused"} <= set(tests) else ", run tested" if "run" in tests else ""
     return f"run, export {kind} {note(result.exports)}{tested}"
 
 

@@ -21,6 +21,7 @@ EXPECTED = {
     "dmd2": ("yes", "yes"),
     "fdistill": ("yes", "yes"),
     "kd": ("yes", "yes"),
+    "ladd": ("yes", "yes"),
     "meanflow": ("second time input (r)", ""),
     "phased_dmd": ("yes", "yes"),
     "rcm": ("yes", "yes"),
@@ -61,6 +62,7 @@ def test_matrix_marks_only_what_a_test_backs():
     assert compat.covered("kd", "unet") == {"run": compat.RUN_ON_UNET}
     assert set(compat.covered("sim", "sd3")) == {"run", "export", "refused"}  # this file
     assert compat.label(compat.Cell("kd", "unet", runs="yes", exports="yes"), []) == "run+export, run tested"  # its export: untested
+    assert compat.label(compat.Cell("sft", "sd3", runs="yes", exports="refused: no"), []) == "run, export refused [1], tested"
     cells = [compat.Cell("kd", "flux", runs="yes", exports="yes"), compat.Cell("kd", "sd3", runs="yes", exports="yes"),
              compat.Cell("dmd2", "flux", runs="yes", exports="refused: no flux"), compat.Cell("dmd2", "sd3", runs="refused: no sd3")]
     assert compat.markdown(cells, ["flux", "sd3"]).splitlines()[2:] == [
