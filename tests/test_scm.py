@@ -259,15 +259,17 @@ def test_rcm_phase_rule_and_dmd_term_after_warmup():
     assert method.phase_nets("generator") == ["generator"] and method.phase_nets("critic") == ["critic"]
 
 
-@pytest.mark.parametrize("name, steps", [("scm", 1000), ("rcm", 600)])
-def test_energy_distance_to_ring8_falls_twentyfold(name, steps, tmp_path, one_thread):
-    """Seeded, under a minute: one-step samples of the toy student against the exact ring8 teacher."""
-    from diffdistill.toy import METHOD_DEFAULTS, energy_distance, ring8, sample_method, train_on_toy
+@pytest.mark.parametrize("name, steps", [("scm", 800), ("rcm", 600)])
+def test_reaches_its_floors_on_ring8(name, steps, tmp_path, one_thread):
+    """The method learns, to weak but absolute floors (toy.METHOD_FLOORS; ~20-25 s of CPU each): at its toy settings
+    (TRAIN_DEFAULTS: sCM from a teacher init, 1,000 sft steps, with a generator EMA 0.99; rCM from scratch) one-step
+    samples must reach 8/8 modes, masses in [0.7, 1.3] and sCM ED <= 0.04, <= 75% between modes, spread <= 2.05
+    (seeds 0-2: ED 0.023-0.027, 62-66% between, spread 1.81-1.89; ~2,400 steps, 75 s, reach ED 0.012 and 27%), rCM
+    ED <= 0.05, <= 80%, spread <= 2.1 (seeds 0-2: ED 0.027-0.042, 63-74%, spread 1.90-2.00): an untrained, diverged, collapsed or mode-dropping student fails, a blur, a uniform or a shrunk ring passes
+    (tests/test_toy_learning.py pins which)."""
+    from diffdistill.toy import METHOD_DEFAULTS, METHOD_FLOORS, TRAIN_DEFAULTS, ring8, sample_method, toy_quality, train_on_toy
 
-    mixture, widths = ring8(), (128, 3, 128, 3)
-    reference = mixture.sample(2000, torch.Generator().manual_seed(5))
-    untrained = train_on_toy(mixture, METHOD_DEFAULTS[name], steps, tmp_path / "init", widths=widths, fit=False)
-    start = energy_distance(sample_method(untrained, 2000), reference)
-    method = train_on_toy(mixture, METHOD_DEFAULTS[name], steps, tmp_path / "run", widths=widths)
-    end = energy_distance(sample_method(method, 2000), reference)
-    assert end * 20 <= start, (start, end)
+    mixture = ring8()
+    method = train_on_toy(mixture, METHOD_DEFAULTS[name], steps, tmp_path, **TRAIN_DEFAULTS[name])
+    quality = toy_quality(sample_method(method, 10000), mixture)
+    assert not METHOD_FLOORS[name].failures(quality), (METHOD_FLOORS[name].failures(quality), quality)
