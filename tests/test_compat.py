@@ -57,6 +57,15 @@ def test_a_class_conditional_dit_takes_class_ids_and_refuses_captions(method, ex
     assert cell.exports == ("yes" if expected == "yes" else "")
 
 
+def test_every_test_the_matrix_names_exists():
+    """A renamed or deleted test must take its "tested" out of the README's matrix."""
+    named = [name for tests in compat.TESTED.values() for name in tests.values()] + [compat.RUN_ON_UNET]
+    for name in named:
+        file, _, function = name.partition("::")
+        text = (ROOT / "tests" / file).read_text()
+        assert not function or f"def {function}(" in text, name
+
+
 def test_matrix_marks_only_what_a_test_backs():
     assert compat.covered("dmd", "flux") == {}  # nothing tests it: the matrix must not say so
     assert compat.covered("kd", "unet") == {"run": compat.RUN_ON_UNET}
