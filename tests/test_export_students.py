@@ -180,3 +180,15 @@ def test_what_cannot_be_exported_says_how(runs, tmp_path, capsys):
     with pytest.raises(ExportError, match="cd student.*--format diffusers"):
         export_student(cd, tmp_path / "g.safetensors", "single-file")
     assert not any(tmp_path.iterdir())  # every refusal came before anything was written
+
+
+def test_flux_single_file_reloads_the_student_that_dropped_or_kept_its_guidance_input(runs, tmp_path):
+    from diffdistill.export.single_file import load_single_file
+
+    for name, keeps in (("flux", False), ("flux_keep", True)):
+        student = load_student(runs[name])
+        export_student(student, tmp_path / f"{name}.safetensors", "single-file")
+        loaded = load_single_file(tmp_path / f"{name}.safetensors").transformer
+        assert loaded.config.guidance_embeds is keeps, name
+        mine = student.backbone.state_dict()
+        assert loaded.state_dict().keys() == mine.keys() and all(torch.equal(v, mine[k]) for k, v in loaded.state_dict().items()), name
