@@ -144,3 +144,14 @@ class PromptCache:
             for i, p in enumerate(missing):
                 self._cache[p] = cond_index(encoded, slice(i, i + 1))
         return cond_cat(*(self._cache[p] for p in prompts))
+
+
+def embeds_guidance(net) -> bool:
+    """Whether a denoiser (or its DDP wrapper) is guidance-distilled: it takes the guidance scale as an input."""
+    return getattr(getattr(net, "module", net), "embeds_guidance", False)
+
+
+def with_embedded_guidance(cond: dict, w, n: int, device) -> dict:
+    """``cond`` with the guidance scale ``w`` (a float, or one per sample) for a guidance-embedding network."""
+    w = w.to(device, torch.float32) if torch.is_tensor(w) else torch.full((n,), float(w), device=device)
+    return {**cond, "guidance": w.expand(n)}
