@@ -55,23 +55,26 @@ MATCH = 1e-4                                       # an export counts when plain
 SHORT = ["batch_size=2", "checkpoint_every=1000", "sample_every=0", "mixed_precision=no", "log_every=1", "resume=false",
          "optim.warmup_steps=0"]
 
+RECIPES_RUN = "test_recipes_run.py::test_recipe_runs_every_phase_on_a_tiny_model"  # every recipe, its phases, tiny:unet or its family
 # Which tests cover a cell, read from tests/ by hand: {(method, arch): {"run"|"export"|"refused": "test"}}.
 # A "run" entry trains the method on that family; "export" writes its diffusers folder and checks it; "refused"
 # checks the one-line refusal. The CI subset (tests/test_compat.py) is added by covered().
 TESTED: dict[tuple[str, str], dict[str, str]] = {
     ("dmd2", "unet"): {"export": "test_export.py::test_plain_diffusers_samples_like_diffdistill"},
-    ("cd", "unet"): {"export": "test_export_students.py::test_plain_diffusers_reproduces_sd3_cd_and_phased_students"},
-    ("phased_dmd", "unet"): {"export": "test_export_students.py::test_plain_diffusers_reproduces_sd3_cd_and_phased_students"},
+    ("cd", "unet"): {"export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
+    ("phased_dmd", "unet"): {"export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
     ("dmd2", "dit"): {"run": "test_export.py::runs", "export": "test_export.py::test_plain_diffusers_samples_like_diffdistill"},
     ("dmd2", "sdxl"): {"run": "test_export.py::original_read_back", "export": "test_export.py::original_read_back"},
     ("dmd2", "sd3"): {"run": "test_export_students.py::runs",
-                      "export": "test_export_students.py::test_plain_diffusers_reproduces_sd3_cd_and_phased_students"},
+                      "export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
     ("dmd2", "sd35"): {"run": "test_flux_sana.py::test_dmd2_generator_and_critic_steps_run"},
-    ("dmd2", "flux"): {"run": "test_flux_sana.py::test_dmd2_generator_and_critic_steps_run"},
-    ("dmd2", "sana"): {"run": "test_flux_sana.py::test_dmd2_generator_and_critic_steps_run"},
+    ("dmd2", "flux"): {"run": "test_flux_sana.py::test_dmd2_generator_and_critic_steps_run",
+                       "export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
+    ("dmd2", "sana"): {"run": "test_flux_sana.py::test_dmd2_generator_and_critic_steps_run",
+                       "export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
+    ("rcm", "flux"): {"run": RECIPES_RUN},  # recipes/flux/rcm.yaml, on tiny:flux
     ("meanflow", "sd3"): {"refused": "test_meanflow.py"},
 }
-RUN_ON_UNET = "test_recipes_run.py::test_recipe_runs_every_phase_on_a_tiny_model"  # every tiny recipe, all phases, tiny:unet
 # The cells tests/test_compat.py runs through cell() and checks against this matrix (every method on tiny:sd3).
 CI_ARCHS = ("sd3",)
 
@@ -179,7 +182,7 @@ def covered(method: str, arch: str) -> dict[str, str]:
     """The tests behind a cell: the hand-kept table, every tiny recipe on tiny:unet, and the CI subset."""
     tests = dict(TESTED.get((method, arch), {}))
     if arch == "unet" and (RECIPES / f"{method}.yaml").is_file():
-        tests.setdefault("run", RUN_ON_UNET)
+        tests.setdefault("run", RECIPES_RUN)
     if arch in CI_ARCHS:
         tests.setdefault("run", "test_compat.py")
         tests.setdefault("export", "test_compat.py")

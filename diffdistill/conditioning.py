@@ -48,10 +48,16 @@ def _sd3(pipe, prompts, device):
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
+FLUX_DEFAULT_TEXT_LENGTH = 512  # FluxPipeline's max_sequence_length default (FLUX.1-dev's)
+
+
+def flux_text_length(pipe) -> int:
+    """T5 runs unmasked, so its padded length changes the embedding: the tokenizer's own, at most FLUX.1's 512 (exports pass it)."""
+    return min(pipe.tokenizer_2.model_max_length, FLUX_DEFAULT_TEXT_LENGTH) if pipe.tokenizer_2 is not None else FLUX_DEFAULT_TEXT_LENGTH
+
+
 def _flux(pipe, prompts, device):
-    # T5 unmasked, so its padded length changes the embedding: the tokenizer's own (FLUX.1: 512, FluxPipeline's default)
-    t5_length = min(pipe.tokenizer_2.model_max_length, 512) if pipe.tokenizer_2 is not None else 512
-    embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=t5_length)
+    embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=flux_text_length(pipe))
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
@@ -141,3 +147,14 @@ class PromptCache:
             for i, p in enumerate(missing):
                 self._cache[p] = cond_index(encoded, slice(i, i + 1))
         return cond_cat(*(self._cache[p] for p in prompts))
+
+
+def embeds_guidance(net) -> bool:
+    """Whether a denoiser (or its DDP wrapper) is guidance-distilled: it takes the guidance scale as an input."""
+    return getattr(getattr(net, "module", net), "embeds_guidance", False)
+
+
+def with_embedded_guidance(cond: dict, w, n: int, device) -> dict:
+    """``cond`` with the guidance scale ``w`` (a float, or one per sample) for a guidance-embedding network."""
+    w = w.to(device, torch.float32) if torch.is_tensor(w) else torch.full((n,), float(w), device=device)
+    return {**cond, "guidance": w.expand(n)}

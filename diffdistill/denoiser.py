@@ -17,6 +17,7 @@ from torch import nn
 
 from diffdistill import param
 from diffdistill.backbones import backbone_kind, call_backbone, takes_guidance
+from diffdistill.conditioning import with_embedded_guidance
 from diffdistill.param import append_dims
 
 
@@ -90,17 +91,6 @@ def base_copy(backbone: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(clone.get_submodule(parent), child, module.base_layer)
     return clone
-
-
-def embeds_guidance(net) -> bool:
-    """Whether a denoiser (or its DDP wrapper) is guidance-distilled: it takes the guidance scale as an input."""
-    return getattr(getattr(net, "module", net), "embeds_guidance", False)
-
-
-def with_embedded_guidance(cond: dict, w, n: int, device) -> dict:
-    """``cond`` with the guidance scale ``w`` (a float, or one per sample) for a guidance-embedding network."""
-    w = w.to(device, torch.float32) if torch.is_tensor(w) else torch.full((n,), float(w), device=device)
-    return {**cond, "guidance": w.expand(n)}
 
 
 class Denoiser(nn.Module):

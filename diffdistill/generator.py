@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from diffdistill.backbones import unpack_latents
 from diffdistill.backbones.guidance_embed import fold_guidance_embedding
 from diffdistill.denoiser import Denoiser, add_lora, base_copy
 from diffdistill.randomness import BatchRandom
@@ -53,11 +54,15 @@ class TorchRandom:
     one ``randn`` of the sample's shape and dtype per re-noising, on the generator's device. A
     sampler fed the generator that drew its initial noise thus draws what an exported pipeline draws."""
 
-    def __init__(self, generator: torch.Generator):
+    def __init__(self, generator: torch.Generator, packed: bool = False):
         self.generator = generator
+        self.packed = packed  # Flux: FluxPipeline re-noises its packed 2x2 tokens, so the draw is in that layout
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.generator, device=self.generator.device, dtype=x.dtype).to(x.device)
+        b, c, *side = x.shape
+        shape = (b, side[0] * side[1] // 4, 4 * c) if self.packed else x.shape
+        noise = torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=x.dtype).to(x.device)
+        return unpack_latents(noise, *side) if self.packed else noise
 
 
 def check_timesteps(schedule, timesteps: list[float]) -> list[float]:
@@ -106,5 +111,6 @@ def sample_student(generator, schedule, timesteps, noise, cond, torch_generator=
     Re-noising draws from ``torch_generator`` itself, in the exported pipeline's order (see
     :class:`~diffdistill.generator.TorchRandom`), so both give the same sample for the same seed."""
     generator = getattr(generator, "module", generator)
-    rng = TorchRandom(torch_generator) if torch_generator is not None else BatchRandom(0, device=noise.device)
+    packed = getattr(generator, "kind", None) == "flux"
+    rng = TorchRandom(torch_generator, packed) if torch_generator is not None else BatchRandom(0, device=noise.device)
     return generate(generator, schedule, timesteps, noise, cond, rng)

@@ -14,14 +14,14 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from diffdistill.backbones.loading import Teacher, set_resolution
-from diffdistill.config import ConfigError, TrainConfig
+from diffdistill.backbones.loading import Teacher
+from diffdistill.config import TrainConfig
 from diffdistill.data.sources import build_data_source
 from diffdistill.engine.broadcast import broadcast_from_main
 from diffdistill.engine.trainer import Trainer, make_accelerator, place_teacher
 from diffdistill.methods import build_method
 from diffdistill.randomness import derive_seed
-from diffdistill.teachers import resolve_teacher
+from diffdistill.teachers import configure_teacher, resolve_teacher
 
 
 def build_trainer(cfg: TrainConfig, teacher=None, data=None, evaluator=None) -> Trainer:
@@ -59,24 +59,6 @@ def load_recipe_teacher(cfg: TrainConfig, accelerator: Accelerator) -> Teacher:
     if read_once:
         broadcast_from_main(teacher_networks(teacher), accelerator.device)
     return teacher
-
-
-def configure_teacher(teacher: Teacher, cfg: TrainConfig) -> None:
-    """Recipe keys that shape what is built from the teacher: a guidance-distilled teacher's student
-    (``student_guidance_embed``, ``student_guidance``), and the latent size of a backbone without a
-    sample_size (Flux) from ``data.resolution``."""
-    defaults = TrainConfig()
-    if teacher.guidance_distilled:
-        teacher.student_guidance_embed, teacher.student_guidance = cfg.student_guidance_embed, cfg.student_guidance
-    elif (cfg.student_guidance_embed, cfg.student_guidance) != (defaults.student_guidance_embed, defaults.student_guidance):
-        raise ConfigError(f"student_guidance_embed / student_guidance are for a guidance-distilled teacher (guidance_embeds: true, Flux.1-dev); "
-                          f"this {teacher.kind} teacher has no guidance input: drop them")
-    config = getattr(teacher.backbone, "config", None)
-    if cfg.data.resolution and teacher.pipe is not None and isinstance(config, dict) and not config.get("sample_size"):
-        try:
-            set_resolution(teacher, cfg.data.resolution)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
 
 
 def teacher_networks(teacher: Teacher) -> dict[str, nn.Module]:

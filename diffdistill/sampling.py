@@ -9,24 +9,34 @@ from __future__ import annotations
 
 import torch
 
-from diffdistill.conditioning import cond_cat
-from diffdistill.denoiser import embeds_guidance, with_embedded_guidance
+from diffdistill.conditioning import cond_cat, embeds_guidance, with_embedded_guidance
 from diffdistill.param import append_dims, eps_from_x0
 
 
-def guided_x0(denoiser, x_t, t, cond, uncond=None, guidance: float = 1.0):
-    """Classifier-free guidance in x0 space, ``D(uncond) + w (D(cond) - D(uncond))`` (Ho & Salimans 2022).
+def cfg_combine(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, w) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) as ``uncond + w (cond - uncond)``."""
+    return x0_uncond + w * (x0_cond - x0_uncond)
 
-    ``w = 1`` is the conditional model. The form is affine, so it equals guidance on eps, v or flow.
-    A guidance-distilled denoiser (Flux.1-dev) takes w as an input instead: one pass.
+
+def guided_x0(denoiser, x_t, t, cond, uncond=None, guidance=1.0):
+    """Classifier-free guidance in x0 space, ``D(uncond) + w (D(cond) - D(uncond))``, cond and uncond in one batch.
+
+    ``w`` (``guidance``) may be a float or a per-sample tensor; ``w = 1`` is the conditional model alone and
+    ``w = 0`` the unconditional one alone (one pass each). The form is affine, so it equals guidance on eps,
+    v or flow. A guidance-distilled denoiser (Flux.1-dev) takes w as an input instead: one pass, ``uncond`` unused.
     """
+    w = guidance
     if embeds_guidance(denoiser):
-        return denoiser(x_t, t, with_embedded_guidance(cond, guidance, x_t.shape[0], x_t.device))
-    if uncond is None or guidance == 1.0:
+        return denoiser(x_t, t, with_embedded_guidance(cond, w, x_t.shape[0], x_t.device))
+    if uncond is None or (not torch.is_tensor(w) and w == 1.0):
         return denoiser(x_t, t, cond)
+    if not torch.is_tensor(w) and w == 0.0:
+        return denoiser(x_t, t, uncond)
     both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(uncond, cond))
     x0_uncond, x0_cond = both.chunk(2)
-    return x0_uncond + guidance * (x0_cond - x0_uncond)
+    if torch.is_tensor(w):
+        w = w.view(-1, *([1] * (x_t.ndim - 1)))
+    return cfg_combine(x0_uncond, x0_cond, w)
 
 
 def _coeffs(schedule, t, ndim):

@@ -23,33 +23,11 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from diffdistill.backbones import feature_module, feature_modules
-from diffdistill.conditioning import cond_cat
-from diffdistill.denoiser import Denoiser, add_lora, base_copy, embeds_guidance, native_from_x0, with_embedded_guidance
+from diffdistill.denoiser import Denoiser, add_lora, base_copy, native_from_x0
+from diffdistill.sampling import guided_x0
 from diffdistill.schedules import add_noise
 
-
-def cfg_combine(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, w) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022) as ``uncond + w (cond - uncond)``."""
-    return x0_uncond + w * (x0_cond - x0_uncond)
-
-
-def guided(denoiser, x_t, t, cond, uncond, w):
-    """Runs cond and uncond in one batch; ``w`` may be a float or a per-sample tensor.
-
-    ``w = 1`` is the conditional model alone and ``w = 0`` the unconditional one alone (one pass each).
-    A guidance-distilled denoiser takes w as an input: one pass, ``uncond`` unused.
-    """
-    if embeds_guidance(denoiser):
-        return denoiser(x_t, t, with_embedded_guidance(cond, w, x_t.shape[0], x_t.device))
-    if uncond is None or (not torch.is_tensor(w) and w == 1.0):
-        return denoiser(x_t, t, cond)
-    if not torch.is_tensor(w) and w == 0.0:
-        return denoiser(x_t, t, uncond)
-    both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(uncond, cond))
-    x0_uncond, x0_cond = both.chunk(2)
-    if torch.is_tensor(w):
-        w = w.view(-1, *([1] * (x_t.ndim - 1)))
-    return cfg_combine(x0_uncond, x0_cond, w)
+guided = guided_x0  # the score engine's name for it
 
 
 def make_critic(teacher, lora_rank: int = 0, lora_alpha: float | None = None, share_teacher: bool = True, adapter: str = "default"):

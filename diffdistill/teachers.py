@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from diffdistill.backbones.loading import Teacher, _teacher_from_pipe, load_teacher
+from diffdistill.backbones.loading import Teacher, _teacher_from_pipe, load_teacher, set_resolution
 from diffdistill.backbones.tiny import tiny_pipeline
+from diffdistill.config import ConfigError, TrainConfig
 
 ZOO_ROOT = Path(__file__).parent / "zoo" / "weights"
 
@@ -45,4 +46,22 @@ def resolve_teacher(spec: str, *, config=None, allow_pickle=False, trust_remote_
                         torch_dtype=getattr(torch, dtype), on_meta=on_meta)
 
 
-__all__ = ["ZOO_ROOT", "resolve_teacher", "zoo_path"]
+def configure_teacher(teacher: Teacher, cfg: TrainConfig) -> None:
+    """Recipe keys that shape what is built from the teacher: a guidance-distilled teacher's student
+    (``student_guidance_embed``, ``student_guidance``), and the latent size of a backbone without a
+    sample_size (Flux) from ``data.resolution``."""
+    defaults = TrainConfig()
+    if teacher.guidance_distilled:
+        teacher.student_guidance_embed, teacher.student_guidance = cfg.student_guidance_embed, cfg.student_guidance
+    elif (cfg.student_guidance_embed, cfg.student_guidance) != (defaults.student_guidance_embed, defaults.student_guidance):
+        raise ConfigError(f"student_guidance_embed / student_guidance are for a guidance-distilled teacher (guidance_embeds: true, Flux.1-dev); "
+                          f"this {teacher.kind} teacher has no guidance input: drop them")
+    config = getattr(teacher.backbone, "config", None)
+    if cfg.data.resolution and teacher.pipe is not None and isinstance(config, dict) and not config.get("sample_size"):
+        try:
+            set_resolution(teacher, cfg.data.resolution)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+__all__ = ["ZOO_ROOT", "configure_teacher", "resolve_teacher", "zoo_path"]

@@ -59,7 +59,7 @@ def test_a_class_conditional_dit_takes_class_ids_and_refuses_captions(method, ex
 
 def test_every_test_the_matrix_names_exists():
     """A renamed or deleted test must take its "tested" out of the README's matrix."""
-    named = [name for tests in compat.TESTED.values() for name in tests.values()] + [compat.RUN_ON_UNET]
+    named = [name for tests in compat.TESTED.values() for name in tests.values()] + [compat.RECIPES_RUN]
     for name in named:
         file, _, function = name.partition("::")
         text = (ROOT / "tests" / file).read_text()
@@ -68,7 +68,7 @@ def test_every_test_the_matrix_names_exists():
 
 def test_matrix_marks_only_what_a_test_backs():
     assert compat.covered("dmd", "flux") == {}  # nothing tests it: the matrix must not say so
-    assert compat.covered("kd", "unet") == {"run": compat.RUN_ON_UNET}
+    assert compat.covered("kd", "unet") == {"run": compat.RECIPES_RUN}
     assert set(compat.covered("sim", "sd3")) == {"run", "export", "refused"}  # this file
     assert compat.label(compat.Cell("kd", "unet", runs="yes", exports="yes"), []) == "run+export, run tested"  # its export: untested
     assert compat.label(compat.Cell("sft", "sd3", runs="yes", exports="refused: no"), []) == "run, export refused [1], tested"

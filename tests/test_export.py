@@ -319,9 +319,12 @@ def original_read_back(runs, tmp_path_factory, tiny_unet_dir):
     sdxl = train(load_recipe(RECIPE, [f"out={root / 'sdxl-run'}", *FAST, "teacher=tiny:sdxl"]))
     sd3 = train(load_recipe(RECIPE, [f"out={root / 'sd3-run'}", *FAST, *FLOW, "teacher=tiny:sd3"]))
     sd3_info = export_run(sd3, root / "sd3.safetensors", "original")
+    flux = train(load_recipe(RECIPE, [f"out={root / 'flux-run'}", *FAST, *FLOW, "teacher=tiny:flux"]))  # drops its guidance input
+    export_run(flux, root / "flux-student.safetensors", "original")
     jobs = [original_and_folder(runs["unet"], tiny_unet_dir, "StableDiffusionPipeline", root / "sd"),
             original_and_folder(sdxl, write_tiny_pipeline(root / "sdxl-teacher", "sdxl"), "StableDiffusionXLPipeline", root / "xl"),
-            transformer_job("sd3", load_student(sd3).backbone, root / "sd3", root / "sd3.safetensors")]
+            transformer_job("sd3", load_student(sd3).backbone, root / "sd3", root / "sd3.safetensors"),
+            transformer_job("flux-student", load_student(flux).backbone, root / "flux-student", root / "flux-student.safetensors")]
     sd35 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
                                  pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
@@ -352,10 +355,10 @@ def test_sd_and_sdxl_original_layout_loads_with_from_single_file_as_the_folder_e
 
 
 def test_sd3_and_flux_transformers_load_with_from_single_file_exactly(original_read_back):
-    """The SD3 student's file, and our mapping of SD3.5 and Flux (fused q, k, v; Flux's fused single-block input;
+    """The SD3 and Flux students' files, and our mapping of SD3.5 and Flux (fused q, k, v; Flux's fused single-block input;
     the swapped shift/scale of the final layer and of SD3's last text stream) read back bit for bit."""
     files, diffs, sd3_info = original_read_back
-    labels = ("sd3", "sd35", "flux-dev", "flux-schnell")
+    labels = ("sd3", "sd35", "flux-dev", "flux-schnell", "flux-student")
     transformers = {label: d for (label, _), d in diffs.items() if label in labels}
     assert transformers == dict.fromkeys(labels, 0.0), transformers
     assert sd3_info["contents"] == "transformer" and sd3_info["sampling"]["timesteps"] == [1.0, 0.75]  # a flow student's sigmas
@@ -368,6 +371,7 @@ def test_sd3_and_flux_transformers_load_with_from_single_file_exactly(original_r
     assert not any(k.startswith("model.") for k in [*files["flux-dev"], *files["flux-schnell"]])  # bare, as BFL ship Flux
     assert files["flux-dev"]["single_blocks.1.linear1.weight"].shape == (3 * 16 + 4 * 16, 16)
     assert "guidance_in.in_layer.weight" in files["flux-dev"] and "guidance_in.in_layer.weight" not in files["flux-schnell"]
+    assert "guidance_in.in_layer.weight" not in files["flux-student"]  # a tiny:flux (dev-shaped) student, its guidance folded in
 
 
 def test_original_refuses_transformers_without_a_reference_layout(runs, tmp_path):

@@ -1,4 +1,5 @@
-"""Every shipped recipe runs each of its phases on a tiny model (the teacher swapped for tiny:unet)."""
+"""Every shipped recipe runs each of its phases on a tiny model of its family: the teacher swapped for tiny:flux
+(recipes/flux), tiny:sd3 (recipes/sd3: flow-unit timesteps need a flow teacher) or tiny:unet (the rest)."""
 
 import json
 import math
@@ -12,8 +13,10 @@ from diffdistill.run import build_trainer
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)  # recipes/accelerate: launch configs
 # Tiny stand-ins for what a real-size recipe points at.
-TINY = ["teacher=tiny:unet", "batch_size=2", "max_steps=2", "checkpoint_every=1000", "sample_every=0", "mixed_precision=no", "log_every=1",
+TINY = ["batch_size=2", "max_steps=2", "checkpoint_every=1000", "sample_every=0", "mixed_precision=no", "log_every=1",
         "data.prompts_file=null", "data.prompts=[a digit 1, the number seven]"]
+# recipes/<family>/: its tiny teacher, at that teacher's own size (a real-size data.resolution would make it train at 1024 px)
+FAMILIES = {"flux": ["teacher=tiny:flux", "data.resolution=16"], "sd3": ["teacher=tiny:sd3", "data.resolution=16"]}
 
 
 def tiny_overrides(recipe: Path, tmp_path: Path) -> list[str]:
@@ -28,7 +31,8 @@ def tiny_overrides(recipe: Path, tmp_path: Path) -> list[str]:
         extra += ["method.pairs=4", "method.ode_steps=2"]
     # every phase within a few steps: one critic update per generator update, and no sCM-only warm-up
     extra += ["method.ratio=1"] * ("ratio" in method) + ["method.dmd_warmup=1"] * ("dmd_warmup" in method)
-    return [*TINY, *extra, f"out={tmp_path}"]
+    family = FAMILIES.get(recipe.parent.name, ["teacher=tiny:unet"])
+    return [*TINY, *family, *extra, f"out={tmp_path}"]
 
 
 def steps_for_every_phase(method, limit: int = 16) -> int:

@@ -6,8 +6,9 @@ from diffdistill.conditioning import encode_prompts
 from diffdistill.config import ConfigError
 from diffdistill.denoiser import Denoiser
 from diffdistill.methods import build_method
+from diffdistill.sampling import cfg_combine
 from diffdistill.schedules import VPSchedule
-from diffdistill.scores import FeatureTap, ScoreEngine, can_stop_early, cfg_combine, guided, make_critic
+from diffdistill.scores import FeatureTap, ScoreEngine, can_stop_early, guided, make_critic
 from diffdistill.teachers import resolve_teacher
 from diffdistill.toy import SD15_SCHEDULE, ring8, toy_teacher
 

@@ -227,7 +227,7 @@ def verify(student: Student, pipe, steps: int, prompts: list, call: dict, seed: 
     float rounding, so a wrong export is never written."""
     kind, out = run_pipeline(pipe, prompts, call, seed, global_rng(student))
     if student.teacher.schedule.kind == "flow":
-        out = flow_family(student).latents(pipe, out)
+        out = flow_family(student).latents(student, pipe, out)
     error = (out.float().cpu() - reference_output(student, kind, prompts, steps, seed).float().cpu()).abs().max().item()
     if not error <= VERIFY_TOLERANCE:
         raise ExportError(f"the exported {type(pipe).__name__} samples differently from diffdistill's sampler (max |diff| {error:.3g} "

@@ -48,6 +48,9 @@ def student_metadata(student: Student, steps: int) -> dict:
         "default_steps": steps,
         "step": student.step,
         "ema": student.ema,
+        # a guidance-distilled teacher's student: whether it dropped the guidance input (folded in at that scale) or keeps it
+        "student_guidance_embed": teacher.student_guidance_embed if teacher.guidance_distilled else None,
+        "student_guidance": teacher.student_guidance if teacher.guidance_distilled else None,
     }
 
 
@@ -75,7 +78,8 @@ def read_metadata(path) -> dict:
 def _check_config(meta: dict, class_name: str, config: dict, source: str) -> None:
     """Backbone configs must agree key by key before any weight is loaded (clearer than a shape error)."""
     own = {k: v for k, v in _jsonable(dict(config)).items() if not k.startswith("_")}
-    differ = sorted(k for k, v in meta["backbone_config"].items() if k in own and own[k] != v)
+    folded = {"guidance_embeds"} if meta.get("student_guidance_embed") == "drop" else set()  # the student's is off, the teacher's on
+    differ = sorted(k for k, v in meta["backbone_config"].items() if k in own and own[k] != v and k not in folded)
     if class_name != meta["backbone_class"] or differ:
         detail = ", ".join(f"{k}: file {meta['backbone_config'][k]!r} vs teacher {own[k]!r}" for k in differ[:3])
         raise ExportError(f"the teacher {source!r} does not match this student ({meta['backbone_class']} vs {class_name}; {detail}); "
@@ -99,6 +103,8 @@ def load_student_file(path, teacher_config: str | None = None) -> Student:
         backbone = teacher.backbone
     else:
         teacher = resolve_teacher(spec, config=meta.get("teacher_config"), seed=int(meta.get("seed", 0)))
+        if meta.get("student_guidance_embed"):
+            teacher.student_guidance_embed, teacher.student_guidance = meta["student_guidance_embed"], float(meta["student_guidance"])
         _check_config(meta, type(teacher.backbone).__name__, teacher.backbone.config, spec)
         backbone, _ = load_into_backbone(teacher, load_file(str(path)), str(path))
     return Student(teacher, backbone, list(meta["timesteps"]), None, meta["method"], path.parent, path, int(meta["step"]), bool(meta["ema"]),

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffdistill.backbones.guidance_embed import fold_guidance_embedding
 from diffdistill.backbones.loading import Teacher
 from diffdistill.conditioning import encode_prompts
 from diffdistill.config import TrainConfig, from_dict
@@ -27,7 +28,7 @@ from diffdistill.export.method_students import Consistency, student_spec
 from diffdistill.generator import sample_student
 from diffdistill.methods.base import method_options
 from diffdistill.methods.phased_dmd import expert_step
-from diffdistill.teachers import resolve_teacher
+from diffdistill.teachers import configure_teacher, resolve_teacher
 
 
 @dataclass
@@ -114,11 +115,19 @@ def _weights_file(path: Path, ema: bool | None, names: tuple = ("net-generator",
 
 
 def _resolve_teacher(cfg, teacher: str | None) -> Teacher:
+    """The run's teacher as training configured it: its student's guidance input (Flux.1-dev) and latent size and shift (Flux)."""
     spec = teacher or cfg.teacher
     try:
-        return resolve_teacher(spec, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
+        loaded = resolve_teacher(spec, config=cfg.teacher_config, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     except FileNotFoundError as e:
         raise ExportError(f"the run's teacher {spec!r} cannot be loaded ({e}); if it moved, pass --teacher /new/path") from e
+    configure_teacher(loaded, cfg)
+    return loaded
+
+
+def drops_guidance(teacher: Teacher) -> bool:
+    """A guidance-distilled teacher's student trained without the guidance input (``student_guidance_embed: drop``)."""
+    return teacher.guidance_distilled and teacher.student_guidance_embed == "drop"
 
 
 def split_lora(state: dict) -> tuple[dict, dict]:
@@ -145,11 +154,14 @@ def _merge_lora(backbone: torch.nn.Module, adapters: dict) -> None:
 
 
 def load_into_backbone(teacher: Teacher, state: dict, source: str, template=None) -> tuple[torch.nn.Module, dict | None]:
-    """A copy of the teacher's backbone (or of ``template``: cd's adds a guidance input) holding ``state``
+    """A copy of the teacher's backbone (or of ``template``: cd's adds a guidance input; a Flux.1-dev student that
+    dropped its guidance input has it folded in first, see :func:`~diffdistill.generator.student_denoiser`) holding ``state``
     (keys without ``backbone.``); any shape or key mismatch is an :class:`ExportError` naming the
     teacher, never a silent partial load."""
     base, adapters = split_lora(state)
     backbone = copy.deepcopy(teacher.backbone if template is None else template).float()
+    if template is None and drops_guidance(teacher):  # trained without the guidance input: fold it as student_denoiser did
+        backbone = fold_guidance_embedding(backbone, teacher.student_guidance)
     own = backbone.state_dict()
     if adapters and not base:  # a LoRA student's checkpoint holds its adapters alone: the base is the teacher
         base = dict(own)
