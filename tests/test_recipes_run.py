@@ -29,6 +29,8 @@ def tiny_overrides(recipe: Path, tmp_path: Path) -> list[str]:
         extra += ["method.regression_pairs=4", "method.regression_steps=2"]
     if "pairs" in method:
         extra += ["method.pairs=4", "method.ode_steps=2"]
+    if "teacher_samples" in method:  # LADD's pool of teacher samples
+        extra += ["method.teacher_samples=4", "method.teacher_steps=2"]
     # every phase within a few steps: one critic update per generator update, and no sCM-only warm-up
     extra += ["method.ratio=1"] * ("ratio" in method) + ["method.dmd_warmup=1"] * ("dmd_warmup" in method)
     family = FAMILIES.get(recipe.parent.name, ["teacher=tiny:unet"])
