@@ -7,8 +7,6 @@ velocity is u*(z_t, r, t) = (z_t - z_r) / (t - r) = -MU + xi (sigma(t) - sigma(r
 A VP teacher is the same in the flow frame z = x_t / (alpha + sigma), so both schedules are checked.
 """
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
@@ -229,17 +227,17 @@ def test_jvp_total_derivative_equals_a_finite_difference():
 
 
 def test_a_transformer_without_one_timestep_embedder_is_a_config_error():
-    """DiT embeds the timestep in every block (one embedder each): no single place for h (the tiny DiT has one block)."""
+    """DiT embeds the timestep in every block (one embedder each): no single place for h."""
     from diffdistill.teachers import resolve_teacher
 
-    teacher = resolve_teacher("tiny:dit")
-    teacher = dataclasses.replace(teacher, backbone=type(teacher.backbone).from_config({**teacher.backbone.config, "num_layers": 2}))
-    with pytest.raises(ConfigError, match="one timestep embedder"):
-        build_method({"name": "meanflow"}, teacher, TrainConfig())
+    with pytest.raises(ConfigError, match="one timestep embedder.*DiTTransformer2DModel has 0 outside its blocks"):
+        build_method({"name": "meanflow"}, resolve_teacher("tiny:dit"), TrainConfig())
 
 
-def test_export_refuses_a_meanflow_student_with_the_reason():
-    from diffdistill.export.method_students import ExportError, student_timesteps
+def test_export_refuses_a_few_step_meanflow_student_of_a_vp_teacher():
+    """K > 1 uniform flow times are no integer VP timesteps (K = 1 exports: tests/test_export_students.py)."""
+    from diffdistill.export.method_students import ExportError, student_spec
 
-    with pytest.raises(ExportError, match="second time input"):
-        student_timesteps({"name": "meanflow"}, SCHEDULES["vp"])
+    teacher = Teacher(pipe=None, backbone=None, component="unet", kind="unet", schedule=SCHEDULES["vp"], prediction_type="epsilon", path="tiny")
+    with pytest.raises(ExportError, match="no integer timesteps.*method.sample_steps=1"):
+        student_spec({"name": "meanflow", "sample_steps": 2}, teacher, TrainConfig())

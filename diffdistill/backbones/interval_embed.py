@@ -23,11 +23,13 @@ from torch import nn
 
 
 def timestep_embedder_path(backbone: nn.Module) -> str:
-    """The one ``TimestepEmbedding`` a transformer embeds its timestep with (``...timestep_embedder``)."""
-    paths = [name for name, m in backbone.named_modules() if name.endswith("timestep_embedder") and isinstance(m, TimestepEmbedding)]
+    """The one ``TimestepEmbedding`` a transformer embeds its timestep with (``...timestep_embedder``), outside its
+    blocks: DiT embeds it again in every block (AdaLayerNormZero), which has no one place for a second input."""
+    paths = [name for name, m in backbone.named_modules()
+             if name.endswith("timestep_embedder") and isinstance(m, TimestepEmbedding) and "transformer_blocks" not in name]
     if len(paths) != 1:
         raise ValueError(f"a second time input goes on a transformer's one timestep embedder, and {type(backbone).__name__} has "
-                         f"{len(paths)} ({', '.join(paths[:3]) or 'none'}); use a UNet, SD3, Flux, SANA or PixArt teacher")
+                         f"{len(paths)} outside its blocks ({', '.join(paths[:3]) or 'none'}); use a UNet, SD3, Flux, SANA or PixArt teacher")
     return paths[0]
 
 

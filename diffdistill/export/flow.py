@@ -173,6 +173,12 @@ def flow_call(student: Student, pipe, steps: int) -> dict:
 def flow_notes(student: Student, pipe) -> list[str]:
     plain = plain_steps(student, pipe.scheduler)
     exact = f"exact for K in {plain}" if plain else "exact for no K"
+    if student.deterministic:  # meanflow
+        k = len(student.timesteps)
+        return [(f"The scheduler is FlowMatchEulerDiscreteScheduler with shift 1.0, no dynamic shifting and no stochastic sampling: each "
+                 f"step is x + (s' - s) v, MeanFlow's z_r = z_t - (t - r) u with the average velocity u. The interval h = t - r = 1/{k} of "
+                 f"its {k}-step sampler is folded into the weights, so only K = {k} on the sigmas {[float(t) for t in student.timesteps]} "
+                 "reproduces it (another K samples with a mismatched h)."), *flow_family(student).notes]
     notes = [(f"The scheduler is FlowMatchEulerDiscreteScheduler with shift 1.0, no dynamic shifting and stochastic sampling: each step "
               f"predicts x0 and re-noises it to the next sigma, the student's own sampler. A plain `num_inference_steps=K` call is {exact}; "
               f"for other K pass the student's `sigmas=` (K of {[float(t) for t in student.timesteps]}, evenly by index)."),
