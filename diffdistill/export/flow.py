@@ -138,8 +138,9 @@ def flow_scheduler(student: Student, deterministic: bool = False) -> FlowMatchEu
         raise ExportError(f"this student starts from {student.input_scale:.4g} * z (SiD's scale_input), and diffusers pipelines start "
                           "from unit noise: use --format single-file, or train with method.scale_input=false")
     if student.consistency is not None:
-        raise ExportError("a cd (consistency) student of a flow teacher needs LCM's boundary condition, which no diffusers flow scheduler "
-                          "applies; use --format single-file")
+        raise ExportError("a cd (consistency) student of a flow teacher needs LCM's boundary condition c_skip x + c_out D, which no diffusers "
+                          "flow scheduler applies (LCMScheduler is VP-only); use --format single-file and sample with diffdistill, or distill "
+                          "a flow teacher with scm or rcm, whose students export as diffusers folders")
     num_train = int(student.teacher.pipe.scheduler.config.get("num_train_timesteps", 1000))
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train, shift=1.0, use_dynamic_shifting=False,
                                            stochastic_sampling=not deterministic)

@@ -22,8 +22,8 @@ t = sigma / (alpha + sigma) (identity for flow teachers); t stays in the schedul
 u_theta = (z - D_theta)/t (a flow net's native output), D_theta its x0 at (z, t) with h = t - r as a
 second time input: sinusoids of ``interval_scale`` h through LCM's ``cond_proj`` (``time_cond_proj_dim``),
 zero at first so the student starts as the teacher (u = v for every r); as py-meanflow's U-Net joins t's
-and h's embeddings before its time MLP. Transformers (SD3, Flux, SANA, PixArt) get the same ``cond_proj`` on
-their timestep embedder (:mod:`diffdistill.backbones.interval_embed`); on Flux it sits beside the guidance
+and h's embeddings before its time MLP. Transformers (SD3, Flux, SANA; PixArt's is alike, untested) get that
+``cond_proj`` on their timestep embedder (:mod:`diffdistill.backbones.interval_embed`); on Flux it sits beside the guidance
 embedding, which keeps its meaning (``student_guidance_embed``), rather than reusing it for h.
 
 Not verified: the paper's own c; the distillation form and its guidance (the paper mixes CFG into v with its
