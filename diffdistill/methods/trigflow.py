@@ -156,7 +156,11 @@ def use_jvp_attention(backbone: nn.Module) -> int:
         backbone.set_attention_backend("_native_math")
     modules = [m for m in backbone.modules() if isinstance(m, Attention)]
     if modules and torch.cuda.is_available():
-        return use_fused_attention(backbone) + len(dispatched)
+        installed = use_fused_attention(backbone)  # keeps Sana's cross-attention, whose SDPA call has no forward AD: math instead
+        sana = [m for m in modules if type(m.processor).__name__ == "SanaAttnProcessor2_0"]
+        for module in sana:
+            module.set_processor(AttnProcessor())
+        return installed + len(sana) + len(dispatched)
     for module in modules:  # each kind by math that computes what it computed (AttnProcessor is no joint or linear attention)
         name = type(module.processor).__name__
         if name in JOINT_PROCESSORS:  # SD3's joint text-image attention
