@@ -73,7 +73,10 @@ TESTED: dict[tuple[str, str], dict[str, str]] = {
     ("dmd2", "sana"): {"run": "test_flux_sana.py::test_dmd2_generator_and_critic_steps_run",
                        "export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
     ("rcm", "flux"): {"run": RECIPES_RUN},  # recipes/flux/rcm.yaml, on tiny:flux
-    ("meanflow", "sd3"): {"refused": "test_meanflow.py"},
+    ("meanflow", "unet"): {"export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
+    ("meanflow", "sd3"): {"run": "test_export_students.py::runs",
+                          "export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
+    ("meanflow", "dit"): {"refused": "test_meanflow.py::test_a_transformer_without_one_timestep_embedder_is_a_config_error"},
 }
 # The cells tests/test_compat.py runs through cell() and checks against this matrix (every method on tiny:sd3).
 CI_ARCHS = ("sd3",)

@@ -22,7 +22,7 @@ EXPECTED = {
     "fdistill": ("yes", "yes"),
     "kd": ("yes", "yes"),
     "ladd": ("yes", "yes"),
-    "meanflow": ("second time input (r)", ""),
+    "meanflow": ("yes", "yes"),
     "phased_dmd": ("yes", "yes"),
     "rcm": ("yes", "yes"),
     "scm": ("yes", "yes"),

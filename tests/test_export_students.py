@@ -1,5 +1,5 @@
 """Exports of the students that are not one VP generator: flow-matching (tiny SD3, Flux, SANA), consistency (cd,
-with its trained guidance input) and phased (one backbone per expert). Plain diffusers, in a process
+with its trained guidance input), phased (one backbone per expert) and meanflow (its interval input folded). Plain diffusers, in a process
 that cannot import diffdistill, reproduces each method's own sampler to 1e-4; the phased lines are
 taken from the exported model card, so the card cannot drift from what works."""
 
@@ -39,6 +39,9 @@ FLUX_KEEP_CALLS = {"k4": {**FLUX_CALLS["k4"], "guidance_scale": 2.0}, "k4_w1": {
 SANA_CALL = {"height": 32, "width": 32, "guidance_scale": 1.0, "use_resolution_binning": False}
 SANA_CALLS = {"k1": {"num_inference_steps": 1, **SANA_CALL}, "k4": {"sigmas": [1.0, 0.75, 0.5, 0.25], **SANA_CALL}}
 CD_W = 2.0  # recipes/tiny/cd.yaml's sample_guidance, inside its trained range [1.5, 3]
+# MeanFlow: h = t - r of its K-step sampler folded in; SD3 at K = 2 (deterministic Euler on sigmas 1, 0.5), a UNet at K = 1
+MEANFLOW = ["max_steps=2", "optim.lr=1e-2", "batch_size=2"]  # lr 1e-2: folding h = 1 for h = 1/2 moves the sample by 2e-3
+MEANFLOW_SD3_CALL = {"sigmas": [1.0, 0.5], "guidance_scale": 1.0, "max_sequence_length": 32}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,9 @@ def runs(tmp_path_factory):
         # expert_ema: sampling deploys each expert's EMA, so the export must too
         "phased": train(load_recipe(RECIPES / "phased_dmd.yaml", [f"out={root / 'phased'}", "resume=false", "max_steps=4", "optim.lr=1e-3",
                                                                    "method.expert_ema=0.5"])),
+        "meanflow_sd3": train(load_recipe(RECIPES / "meanflow.yaml", [f"out={root / 'meanflow_sd3'}", "resume=false", "teacher=tiny:sd3",
+                                                                      "method.sample_steps=2", *MEANFLOW])),
+        "meanflow_unet": train(load_recipe(RECIPES / "meanflow.yaml", [f"out={root / 'meanflow_unet'}", "resume=false", *MEANFLOW])),
     }
 
 
@@ -86,11 +92,13 @@ def test_plain_diffusers_reproduces_flow_cd_and_phased_students(runs, tmp_path):
     assert cd["call"] == {"num_inference_steps": 2, "guidance_scale": CD_W}  # sample_steps 2 of its 10-point grid
     phased = export_run(runs["phased"], tmp_path / "phased")
     assert phased["experts"] == ["unet", "unet_expert_1"] and phased["call"] == {"timesteps": [999, 499]}
+    assert export_run(runs["meanflow_sd3"], tmp_path / "meanflow_sd3")["call"] == MEANFLOW_SD3_CALL
+    assert export_run(runs["meanflow_unet"], tmp_path / "meanflow_unet")["call"] == {"num_inference_steps": 1}
 
     common = {"prompts": PROMPTS, "seed": SEED, "output_type": "latent"}
     cd_calls = {f"k{k}": {"num_inference_steps": k, "guidance_scale": CD_W} for k in (1, 4)}
     flow = {"global_rng": True, "scheduler": "FlowMatchEulerDiscreteScheduler", **common}
-    sd3_out, flux_out, keep_out, sana_out, cd_out, card_out, bare_out = run_plain([
+    sd3_out, flux_out, keep_out, sana_out, cd_out, card_out, bare_out, mf_sd3_out, mf_unet_out = run_plain([
         {"folder": str(tmp_path / "sd3-4"), "calls": SD3_CALLS, **flow},
         {"folder": str(tmp_path / "flux-4"), "calls": FLUX_CALLS, **flow},
         {"folder": str(tmp_path / "flux_keep"), "calls": FLUX_KEEP_CALLS, **flow},
@@ -100,8 +108,11 @@ def test_plain_diffusers_reproduces_flow_cd_and_phased_students(runs, tmp_path):
         {"folder": str(tmp_path / "phased"), "card": True, "calls": {"k2": {}}, "global_rng": False, "scheduler": "EulerDiscreteScheduler", **common},
         {"folder": str(tmp_path / "phased"), "calls": {"k2": {"timesteps": [999, 499]}}, "global_rng": False,
          "scheduler": "EulerDiscreteScheduler", **common},  # the bare pipeline: expert 0 at both steps
+        {"folder": str(tmp_path / "meanflow_sd3"), "calls": {"k2": MEANFLOW_SD3_CALL}, **flow},
+        {"folder": str(tmp_path / "meanflow_unet"), "calls": {"k1": {"num_inference_steps": 1}}, "global_rng": False, "scheduler": "LCMScheduler",
+         **common},
     ], tmp_path)
-    assert all(out["scheduler"].item() for out in (sd3_out, flux_out, keep_out, sana_out, cd_out, card_out))
+    assert all(out["scheduler"].item() for out in (sd3_out, flux_out, keep_out, sana_out, cd_out, card_out, mf_sd3_out, mf_unet_out))
     flux_out, keep_out = ({k: unpack_flux(v) for k, v in out.items() if k != "scheduler"} for out in (flux_out, keep_out))
 
     def gap(a, b):
@@ -116,6 +127,8 @@ def test_plain_diffusers_reproduces_flow_cd_and_phased_students(runs, tmp_path):
     for k in (1, 4):
         assert gap(cd_out[f"k{k}"], method_sample(runs["cd"], k)) <= 1e-4, f"cd K={k}"
     assert gap(card_out["k2"], method_sample(runs["phased"], 2)) <= 1e-4
+    assert gap(mf_sd3_out["k2"], method_sample(runs["meanflow_sd3"], 2, global_rng=True)) <= 1e-4  # MeanFlow.sample, h = 1/2 unfolded
+    assert gap(mf_unet_out["k1"], method_sample(runs["meanflow_unet"], 1)) <= 1e-4
     # not vacuous: K matters, w matters, and switching experts matters
     assert all(gap(out["k1"], out["k4"]) > 1e-3 for out in (sd3_out, flux_out, sana_out, cd_out))
     assert gap(keep_out["k4"], keep_out["k4_w1"]) > 1e-4  # the kept guidance input is live
@@ -179,6 +192,11 @@ def test_what_cannot_be_exported_says_how(runs, tmp_path, capsys):
         export_student(cd, tmp_path / "g", "lora")
     with pytest.raises(ExportError, match="cd student.*--format diffusers"):
         export_student(cd, tmp_path / "g.safetensors", "single-file")
+    meanflow = load_student(runs["meanflow_sd3"])
+    with pytest.raises(ExportError, match="2-step sampler folded.*drop --steps 1"):
+        export_student(meanflow, tmp_path / "h", steps=1)
+    with pytest.raises(ExportError, match="folded into its weights, as a diffusers folder"):
+        export_student(meanflow, tmp_path / "h.safetensors", "single-file")
     assert not any(tmp_path.iterdir())  # every refusal came before anything was written
 
 

@@ -176,50 +176,68 @@ def finite_difference(u_fn, z, r, t, v, h):
 
 
 def interval_students():
-    """(method, student, z, cond, h) for a tiny UNet and the toy MLP, their interval input (cond_proj) set at random;
-    h: where the central difference has converged before the float32 timestep the Denoiser passes on quantizes it
-    (a random UNet is strongly curved in t)."""
+    """(method, student, z, cond, h, tolerance) for a tiny UNet, the toy MLP and tiny SD3, Flux and SANA transformers, their
+    interval input (cond_proj) set at random; h: where the central difference has converged before the float32 timestep the
+    Denoiser passes on quantizes it (a random UNet is strongly curved in t); the transformers embed t in float32 (diffusers'
+    sinusoids), whose rounding over h = 1e-4 is ~1e-3 of du/dt: their tolerance."""
     from diffdistill.backbones.tiny import tiny_unet
+    from diffdistill.conditioning import encode_prompts
+    from diffdistill.teachers import resolve_teacher
     from diffdistill.toy import ring8, toy_teacher
 
     unet = Teacher(pipe=None, backbone=tiny_unet(0), component="unet", kind="unet", schedule=SCHEDULES["vp"], prediction_type="epsilon", path="tiny")
     toy = toy_teacher(ring8(), generator_width=32, generator_depth=2, generator_max_frequency=10.0)
     g = torch.Generator().manual_seed(0)
-    for teacher, z, cond, h in [(unet, torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64),
-                                 {"encoder_hidden_states": torch.linspace(-1, 1, 2 * 4 * 32, dtype=torch.float64).view(2, 4, 32)}, 1e-5),
-                                (toy, torch.randn(2, 2, generator=g, dtype=torch.float64), {}, 1e-3)]:
+    cases = [(unet, torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64),
+              {"encoder_hidden_states": torch.linspace(-1, 1, 2 * 4 * 32, dtype=torch.float64).view(2, 4, 32)}, 1e-5, 1e-3),
+             (toy, torch.randn(2, 2, generator=g, dtype=torch.float64), {}, 1e-3, 1e-3)]
+    for arch in ("sd3", "flux", "sana"):
+        teacher = resolve_teacher(f"tiny:{arch}")
+        cond = {k: v.double() for k, v in encode_prompts(teacher.pipe, ["a", "b"]).items()}
+        cases.append((teacher, torch.randn(2, *teacher.latent_shape, generator=g, dtype=torch.float64), cond, 1e-4, 2e-3))
+    for teacher, z, cond, h, tolerance in cases:
         method = build_method({"name": "meanflow", "interval_embedding_dim": 16, "interval_scale": 10.0}, teacher, TrainConfig())
         student = method.nets["generator"].double().eval()
-        proj = getattr(student.backbone, "time_embedding", student.backbone).cond_proj
+        backbone = student.backbone
+        proj = (backbone.get_submodule(backbone.interval_embedder) if hasattr(backbone, "interval_embedder") else getattr(backbone, "time_embedding", backbone)).cond_proj
         assert proj.weight.abs().max() == 0  # zero at first: the student starts with u = its velocity for every r
+        t = torch.tensor([0.3, 0.8], dtype=torch.float64)
+        torch.testing.assert_close(method.u(student, z, t - 0.2, t, cond), method.u(student, z, t, t, cond), rtol=0, atol=0)
+        if teacher.kind != "plain":  # and u(z, t, t) is the teacher's velocity: the jvp's attention processors compute what the teacher's do
+            w = teacher.student_guidance if teacher.guidance_distilled else 1.0  # Flux: the student's folded guidance scale
+            velocity = teacher_velocity(method.engine, z, t, {k: v.float() for k, v in cond.items()}, None, w)
+            torch.testing.assert_close(method.u(student, z, t, t, cond), velocity, rtol=1e-4, atol=1e-4 * velocity.abs().max().item())
         torch.manual_seed(0)
         nn.init.normal_(proj.weight, std=0.5)
-        yield method, student, z, cond, h
+        yield method, student, z, cond, h, tolerance
 
 
 def test_jvp_total_derivative_equals_a_finite_difference():
-    """du/dt = v d_z u + d_t u (r held) through a UNet and a toy-MLP student with a live interval input."""
-    for method, student, z, cond, h in interval_students():
+    """du/dt = v d_z u + d_t u (r held) through UNet, toy-MLP, SD3, Flux and SANA students with a live interval input."""
+    for method, student, z, cond, h, tolerance in interval_students():
         v = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         t, r = torch.tensor([0.3, 0.8], dtype=torch.float64), torch.tensor([0.1, 0.05], dtype=torch.float64)
         u_fn = lambda z, r, t: method.u(student, z, r, t, cond)  # noqa: B023 (used within the iteration)
         u, du_dt = total_derivative(u_fn, z, r, t, v)
         torch.testing.assert_close(u, u_fn(z, r, t))
         fd = finite_difference(u_fn, z, r, t, v, h)
-        torch.testing.assert_close(du_dt, fd, rtol=1e-2, atol=1e-3 * du_dt.abs().max().item())
+        torch.testing.assert_close(du_dt, fd, rtol=1e-2, atol=tolerance * du_dt.abs().max().item())
         # r's tangent is 0: moving r alone changes u (the interval input is live), and the jvp ignores it
         assert (u_fn(z, r + 0.05, t) - u).abs().max() > 1e-3
 
 
-def test_transformer_teacher_is_a_config_error():
+def test_a_transformer_without_one_timestep_embedder_is_a_config_error():
+    """DiT embeds the timestep in every block (one embedder each): no single place for h."""
     from diffdistill.teachers import resolve_teacher
 
-    with pytest.raises(ConfigError, match="use a UNet teacher"):
-        build_method({"name": "meanflow"}, resolve_teacher("tiny:sd3"), TrainConfig())
+    with pytest.raises(ConfigError, match="one timestep embedder.*DiTTransformer2DModel has 0 outside its blocks"):
+        build_method({"name": "meanflow"}, resolve_teacher("tiny:dit"), TrainConfig())
 
 
-def test_export_refuses_a_meanflow_student_with_the_reason():
-    from diffdistill.export.method_students import ExportError, student_timesteps
+def test_export_refuses_a_few_step_meanflow_student_of_a_vp_teacher():
+    """K > 1 uniform flow times are no integer VP timesteps (K = 1 exports: tests/test_export_students.py)."""
+    from diffdistill.export.method_students import ExportError, student_spec
 
-    with pytest.raises(ExportError, match="second time input"):
-        student_timesteps({"name": "meanflow"}, SCHEDULES["vp"])
+    teacher = Teacher(pipe=None, backbone=None, component="unet", kind="unet", schedule=SCHEDULES["vp"], prediction_type="epsilon", path="tiny")
+    with pytest.raises(ExportError, match="no integer timesteps.*method.sample_steps=1"):
+        student_spec({"name": "meanflow", "sample_steps": 2}, teacher, TrainConfig())

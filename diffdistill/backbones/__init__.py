@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from diffdistill.backbones.interval_embed import interval_input
+
 SUPPORTED_BACKBONES = {
     "UNet2DConditionModel": "unet",
     "DiTTransformer2DModel": "dit",
@@ -172,4 +174,9 @@ def feature_modules(model: torch.nn.Module, indices: list[int] | None = None) ->
 
 
 def call_backbone(kind: str, model, x: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
-    return _CALLS[kind](model, x, timestep, cond)
+    """A UNet takes ``cond["timestep_cond"]`` itself; a transformer given a second time input
+    (:mod:`.interval_embed`) reads it there for this call."""
+    if kind == "unet":
+        return _CALLS[kind](model, x, timestep, cond)
+    with interval_input(model, cond.get("timestep_cond")):
+        return _CALLS[kind](model, x, timestep, cond)

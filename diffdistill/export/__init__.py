@@ -130,6 +130,9 @@ def export_student(student: Student, out, fmt: str = "diffusers", steps: int | N
     check_destination(student.run_dir, out, fmt, overwrite)
     steps = (student.default_steps or len(student.timesteps)) if steps is None else steps
     inference_timesteps(student.timesteps, steps)  # validates steps
+    if student.deterministic and (steps != len(student.timesteps) or fmt != "diffusers"):
+        raise ExportError(f"a meanflow student is exported with h = t - r of its {len(student.timesteps)}-step sampler folded into its weights, "
+                          f"as a diffusers folder: drop --steps {steps} and --format {fmt}, or train with method.sample_steps=K for another K")
     if student.experts and fmt != "diffusers":
         raise ExportError(f"a {student.method} student has one backbone per expert ({len(student.experts)}), which --format {fmt} cannot hold; "
                           "use --format diffusers (a folder with every expert and the lines that run them in turn)")

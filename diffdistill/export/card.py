@@ -76,6 +76,9 @@ def model_card(student, fmt: str, usage: str, notes: list[str] = (), extra: dict
 def _sampler(student) -> str:
     if getattr(student, "experts", None):
         return "expert k takes step k: it predicts x0 and steps deterministically (DDIM) to the next timestep, the last to x0"
+    if getattr(student, "deterministic", False):
+        return ("meanflow: each step moves z by (t - r) times the average velocity over [r, t] (a deterministic Euler/DDIM step), "
+                "with h = t - r of the trained K-step sampler folded into the weights: exact for that K only")
     if getattr(student, "consistency", None):
         return "each step applies LCM's boundary condition to the predicted x0, then re-noises it with fresh noise to the next timestep"
     return "each step predicts x0, then re-noises it with fresh noise to the next timestep"

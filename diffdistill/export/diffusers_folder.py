@@ -114,7 +114,7 @@ def student_scheduler(student: Student, requested: str | None = None):
     after checking a ``--scheduler`` the user named against it."""
     flow = student.teacher.schedule.kind == "flow"
     check_requested_scheduler(student, requested, "FlowMatchEulerDiscreteScheduler" if flow else "LCMScheduler")
-    return (flow_scheduler(student), False) if flow else lcm_scheduler(student)
+    return (flow_scheduler(student, deterministic=student.deterministic), False) if flow else lcm_scheduler(student)
 
 
 def check_requested_scheduler(student: Student, requested: str | None, written: str) -> None:
@@ -266,7 +266,8 @@ def write_diffusers(student: Student, out: Path, steps: int, name: str | None = 
     call = sampling_call(student, pipe, steps, custom)
     pipe.save_pretrained(out, safe_serialization=True)
     error = verify(student, pipe, steps, default_prompts(student), call)
-    extra = {"Default steps": f"{steps} (K steps pick K of the training timesteps, evenly by index)",
+    picked = "h = t - r of exactly this K folded in" if student.deterministic else "K steps pick K of the training timesteps, evenly by index"
+    extra = {"Default steps": f"{steps} ({picked})",
              "Call": f"`{call_text(call)}`",
              "Checked on export": f"max |pipeline - diffdistill sampler| = {error:.2e} for one seeded {steps}-step call"}
     (out / "README.md").write_text(model_card(student, "diffusers", usage_snippet(student, name or str(out), call), _notes(student, pipe, custom), extra))

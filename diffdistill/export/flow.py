@@ -138,8 +138,9 @@ def flow_scheduler(student: Student, deterministic: bool = False) -> FlowMatchEu
         raise ExportError(f"this student starts from {student.input_scale:.4g} * z (SiD's scale_input), and diffusers pipelines start "
                           "from unit noise: use --format single-file, or train with method.scale_input=false")
     if student.consistency is not None:
-        raise ExportError("a cd (consistency) student of a flow teacher needs LCM's boundary condition, which no diffusers flow scheduler "
-                          "applies; use --format single-file")
+        raise ExportError("a cd (consistency) student of a flow teacher needs LCM's boundary condition c_skip x + c_out D, which no diffusers "
+                          "flow scheduler applies (LCMScheduler is VP-only); use --format single-file and sample with diffdistill, or distill "
+                          "a flow teacher with scm or rcm, whose students export as diffusers folders")
     num_train = int(student.teacher.pipe.scheduler.config.get("num_train_timesteps", 1000))
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train, shift=1.0, use_dynamic_shifting=False,
                                            stochastic_sampling=not deterministic)
@@ -173,6 +174,12 @@ def flow_call(student: Student, pipe, steps: int) -> dict:
 def flow_notes(student: Student, pipe) -> list[str]:
     plain = plain_steps(student, pipe.scheduler)
     exact = f"exact for K in {plain}" if plain else "exact for no K"
+    if student.deterministic:  # meanflow
+        k = len(student.timesteps)
+        return [(f"The scheduler is FlowMatchEulerDiscreteScheduler with shift 1.0, no dynamic shifting and no stochastic sampling: each "
+                 f"step is x + (s' - s) v, MeanFlow's z_r = z_t - (t - r) u with the average velocity u. The interval h = t - r = 1/{k} of "
+                 f"its {k}-step sampler is folded into the weights, so only K = {k} on the sigmas {[float(t) for t in student.timesteps]} "
+                 "reproduces it (another K samples with a mismatched h)."), *flow_family(student).notes]
     notes = [(f"The scheduler is FlowMatchEulerDiscreteScheduler with shift 1.0, no dynamic shifting and stochastic sampling: each step "
               f"predicts x0 and re-noises it to the next sigma, the student's own sampler. A plain `num_inference_steps=K` call is {exact}; "
               f"for other K pass the student's `sigmas=` (K of {[float(t) for t in student.timesteps]}, evenly by index)."),

@@ -7,6 +7,12 @@ it samples by default, the backbone its weights load into, and what its sampler 
   condition, and it samples K steps out of its N-point grid (LCMScheduler's spacing).
 * ``phased_dmd``: one net per expert (``expert_k``, or its EMA ``ema_k``), each running one
   deterministic (DDIM) step of the chain (:mod:`diffdistill.methods.phased_dmd`).
+* ``meanflow``: one ``generator`` with a second time input h = t - r. Its K-step sampler (K =
+  ``method.sample_steps``) steps uniformly in flow time, so h = t_max / K at every step: that constant
+  input folds into a bias (:func:`~diffdistill.backbones.interval_embed.fold_interval_input`) and the
+  student becomes the teacher's class again. Its step z_r = z_t - (t - r) u is DDIM's deterministic step
+  (u = (z - x0)/t), which FlowMatchEuler (not stochastic) runs for flow teachers, and which at K = 1 is
+  x0 itself (a VP teacher's LCMScheduler step); a VP teacher's K > 1 times are no integer timesteps.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from diffdistill.export.errors import ExportError
 from diffdistill.generator import check_timesteps
 from diffdistill.methods.base import method_options
 from diffdistill.methods.consistency import skip_grid
-from diffdistill.methods.lcm_student import ConsistencyFunction, guidance_student
+from diffdistill.methods.lcm_student import ConsistencyFunction, guidance_embedding, guidance_student
+from diffdistill.methods.meanflow import flow_frame, flow_range, interval_student
 
 
 @dataclass
@@ -44,6 +51,7 @@ class StudentSpec:
     template: torch.nn.Module | None = None   # the module the weights load into; None: the teacher's backbone
     consistency: Consistency | None = None
     experts: bool = False     # one backbone per timestep (phased_dmd)
+    interval: torch.Tensor | None = None  # meanflow: the embedding of its constant h, folded into the weights; steps deterministically
 
 
 def student_timesteps(method_spec: dict, schedule) -> list[float]:
@@ -51,9 +59,6 @@ def student_timesteps(method_spec: dict, schedule) -> list[float]:
     (DMD, KD), else one step from the schedule's end. Methods that train no few-step student
     (``sft`` fine-tunes the teacher itself) are refused."""
     name, options = method_options(method_spec)
-    if name == "meanflow":
-        raise ExportError("a meanflow student takes a second time input (r, through time_cond_proj_dim) that diffusers pipelines "
-                          "do not feed; sample it with diffdistill (the method's sample), export is not supported for it yet")
     listed = getattr(options, "timesteps", None)
     if isinstance(listed, list) and listed:
         timesteps = listed
@@ -90,8 +95,23 @@ def _phased(options, teacher) -> StudentSpec:
     return StudentSpec(nets, timesteps, len(timesteps), experts=True)
 
 
+def _meanflow(options, teacher) -> StudentSpec:
+    k, schedule = options.sample_steps, teacher.schedule
+    if schedule.kind != "flow" and k > 1:
+        raise ExportError(f"this meanflow student samples {k} steps at uniform flow times, which on a VP teacher are no integer "
+                          "timesteps (diffusers' schedulers need them): export a run trained with method.sample_steps=1, or sample with diffdistill")
+    hi = flow_range(schedule)[1]
+    times = torch.linspace(hi, 0.0, k + 1, dtype=torch.float64)[:-1]
+    timesteps = [schedule.t_max] + [float(t) for t in flow_frame(schedule, times[1:])[0]]  # the first is the schedule's end
+    interval = guidance_embedding(torch.tensor([hi / k * options.interval_scale / 1000], dtype=torch.float64), options.interval_embedding_dim)
+    template = interval_student(teacher, options.interval_embedding_dim).backbone
+    return StudentSpec([("net-generator", "ema-generator")], timesteps, k, template, interval=interval)
+
+
 def student_spec(method_spec: dict, teacher, cfg) -> StudentSpec:
     name, options = method_options(method_spec)
+    if name == "meanflow":
+        return _meanflow(options, teacher)
     if name == "cd":
         return _cd(options, teacher, cfg)
     if name == "phased_dmd":

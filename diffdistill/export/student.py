@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from diffdistill.backbones.guidance_embed import fold_guidance_embedding
+from diffdistill.backbones.interval_embed import fold_interval_input
 from diffdistill.backbones.loading import Teacher
 from diffdistill.conditioning import encode_prompts
 from diffdistill.config import TrainConfig, from_dict
@@ -49,6 +50,7 @@ class Student:
     default_steps: int | None = None   # steps an export samples by default; None: all timesteps
     consistency: Consistency | None = None  # cd: LCM's boundary condition and guidance input on top of the backbone
     experts: list | None = None        # phased_dmd: one backbone per timestep, experts[0] is backbone
+    deterministic: bool = False        # meanflow: steps deterministically (DDIM) through all its timesteps, h folded for exactly that K
 
     def denoiser(self):
         return self.teacher.denoiser(self.backbone)
@@ -199,9 +201,11 @@ def load_student(run_dir, *, ema: bool | None = None, teacher: str | None = None
     spec = student_spec(cfg.method, loaded_teacher, cfg)
     loaded = [_load_net(path, names, ema, loaded_teacher, spec.template) for names in spec.nets]
     backbone, adapters, used_ema = loaded[0]
+    if spec.interval is not None:  # meanflow: its constant h at K uniform steps, folded into a bias
+        backbone = fold_interval_input(backbone, spec.interval).requires_grad_(False).eval()
     scale = student_input_scale(cfg.method, loaded_teacher.schedule, spec.timesteps)
     return Student(loaded_teacher, backbone, spec.timesteps, cfg, cfg.method["name"], run_dir, path, int(state["step"]), used_ema, adapters, scale,
-                   spec.default_steps, spec.consistency, [b for b, _, _ in loaded] if spec.experts else None)
+                   spec.default_steps, spec.consistency, [b for b, _, _ in loaded] if spec.experts else None, spec.interval is not None)
 
 
 def inference_timesteps(timesteps: list, steps: int) -> list:
@@ -220,15 +224,16 @@ def reference_sample(student: Student, prompts: list, steps: int, generator: tor
     device = next(student.backbone.parameters()).device
     cond = encode_prompts(student.teacher.pipe, prompts, device)
     noise = torch.randn((len(prompts), *student.teacher.latent_shape), generator=generator, device=generator.device).to(device)
-    if student.experts:
+    if student.experts or student.deterministic:
         return expert_chain(student, noise, cond)
     timesteps = inference_timesteps(student.timesteps, steps)
     return sample_student(student.sampling_net(), student.teacher.schedule, timesteps, noise * student.input_scale, cond, generator)
 
 
 def expert_chain(student: Student, noise: torch.Tensor, cond: dict) -> torch.Tensor:
-    """phased_dmd's sampler: expert k takes x from t_k to t_{k+1} by one deterministic step (the last to x0)."""
+    """phased_dmd's sampler: expert k takes x from t_k to t_{k+1} by one deterministic step (the last to x0);
+    meanflow's: its one backbone takes every step (z_r = z_t - (t - r) u is that step in the flow frame)."""
     x, schedule, timesteps = noise, student.teacher.schedule, student.timesteps
-    for k, backbone in enumerate(student.experts):
+    for k, backbone in enumerate(student.experts or [student.backbone] * len(timesteps)):
         x = expert_step(student.teacher.denoiser(backbone), schedule, x, timesteps[k], (timesteps[k + 1:] or [None])[0], cond)
     return x

@@ -35,7 +35,7 @@ from .flash_attention import flash_attention
 from .launch import triton_available
 from .reference import _upcast_half, attention_reference
 
-__all__ = ["FlashAttnProcessor", "FlashJointAttnProcessor", "use_fused_attention", "xformers_available"]
+__all__ = ["JOINT_PROCESSORS", "PLAIN_PROCESSORS", "FlashAttnProcessor", "FlashJointAttnProcessor", "use_fused_attention", "xformers_available"]
 
 logger = logging.getLogger("diffdistill.kernels")
 
@@ -46,9 +46,9 @@ except Exception:  # ImportError, or a broken build raising at import
 
 BACKENDS = ("auto", "triton", "torch", "xformers")
 # processors that do nothing but (masked) attention between the q/k/v projections
-_PLAIN = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU",
-          "SlicedAttnProcessor")
-_JOINT = ("JointAttnProcessor2_0", "XFormersJointAttnProcessor")
+PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU",
+                    "SlicedAttnProcessor")
+JOINT_PROCESSORS = ("JointAttnProcessor2_0", "XFormersJointAttnProcessor")
 _fallback_logged = False
 
 
@@ -273,9 +273,9 @@ def use_fused_attention(model, backend="auto"):
         if not isinstance(module, Attention):
             continue
         current = type(module.processor)
-        if current.__name__ in _PLAIN or issubclass(current, FlashAttnProcessor):
+        if current.__name__ in PLAIN_PROCESSORS or issubclass(current, FlashAttnProcessor):
             module.set_processor(FlashAttnProcessor(backend))
-        elif current.__name__ in _JOINT or issubclass(current, FlashJointAttnProcessor):
+        elif current.__name__ in JOINT_PROCESSORS or issubclass(current, FlashJointAttnProcessor):
             module.set_processor(FlashJointAttnProcessor(backend))
         else:
             kept.add(current.__name__)

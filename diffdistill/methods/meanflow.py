@@ -22,10 +22,12 @@ t = sigma / (alpha + sigma) (identity for flow teachers); t stays in the schedul
 u_theta = (z - D_theta)/t (a flow net's native output), D_theta its x0 at (z, t) with h = t - r as a
 second time input: sinusoids of ``interval_scale`` h through LCM's ``cond_proj`` (``time_cond_proj_dim``),
 zero at first so the student starts as the teacher (u = v for every r); as py-meanflow's U-Net joins t's
-and h's embeddings before its time MLP. UNet and toy students have it; transformers not yet (ConfigError).
+and h's embeddings before its time MLP. Transformers (SD3, Flux, SANA; PixArt's is alike, untested) get that
+``cond_proj`` on their timestep embedder (:mod:`diffdistill.backbones.interval_embed`); on Flux it sits beside the guidance
+embedding, which keeps its meaning (``student_guidance_embed``), rather than reusing it for h.
 
-Not verified: the paper's own c; the distillation form and its guidance (the paper mixes CFG into v with
-its own net, omega and kappa; we take the guided teacher); class dropout (not used).
+Not verified: the paper's own c; the distillation form and its guidance (the paper mixes CFG into v with its
+own net, omega and kappa; we take the guided teacher); class dropout (not used). Export: h folded (export/).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from diffdistill import param
+from diffdistill.backbones.interval_embed import add_interval_input
+from diffdistill.generator import student_denoiser
 from diffdistill.methods.base import register_method
 from diffdistill.methods.lcm_student import guidance_embedding, guidance_student
 from diffdistill.methods.trigflow import check_jvp_precision, check_jvp_supported, use_jvp_attention
@@ -132,10 +136,9 @@ def interval_student(teacher, embedding_dim: int):
     """The student: a copy of the teacher with a second time input for h = t - r, zero at first."""
     if teacher.make_student is not None:  # the toy MLP takes it as a keyword
         return teacher.denoiser(teacher.make_student(time_cond_proj_dim=embedding_dim).requires_grad_(True).train())
-    if teacher.kind != "unet":
-        raise ValueError(f"meanflow's student needs a second time input (r), which a {type(teacher.backbone).__name__} has not here "
-                         "(UNet students get it through time_cond_proj_dim): use a UNet teacher, or a method without r (scm, dmd2)")
-    return guidance_student(teacher, embedding_dim, init="zero")
+    if teacher.kind == "unet":
+        return guidance_student(teacher, embedding_dim, init="zero")
+    return teacher.denoiser(add_interval_input(student_denoiser(teacher).backbone, embedding_dim))
 
 
 class MeanFlow:

@@ -8,7 +8,8 @@ its x0 estimate D gives F = (cos(s) x^ - D) / (sigma_d sin s), and then f = D: t
 with the same few-step sampler as DMD2, in its own schedule. Conversions run in float64.
 
 The jvp needs forward-mode AD through every op. PyTorch's fused SDPA kernels have none, so the
-student's attention runs diffusers' math ``AttnProcessor`` on CPU and the project's fused-attention
+student's attention runs diffusers' math ``AttnProcessor`` on CPU (SD3's joint attention the project's
+torch processor; Sana's linear attention as it is) and the project's fused-attention
 processors (:func:`diffdistill.kernels.processors.use_fused_attention`) on GPU; Flux's attention (not an
 ``Attention``) runs diffusers' ``_native_math`` backend on both. Measured here: the jvp
 fails under CPU bf16 autocast, and through gradient checkpointing when gradients are on; both are
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from diffdistill import param
-from diffdistill.kernels.processors import use_fused_attention
+from diffdistill.kernels.processors import JOINT_PROCESSORS, PLAIN_PROCESSORS, FlashJointAttnProcessor, use_fused_attention
 from diffdistill.param import append_dims
 from diffdistill.scores import ScoreEngine
 
@@ -155,7 +156,16 @@ def use_jvp_attention(backbone: nn.Module) -> int:
         backbone.set_attention_backend("_native_math")
     modules = [m for m in backbone.modules() if isinstance(m, Attention)]
     if modules and torch.cuda.is_available():
-        return use_fused_attention(backbone) + len(dispatched)
-    for module in modules:
-        module.set_processor(AttnProcessor())
+        installed = use_fused_attention(backbone)  # keeps Sana's cross-attention, whose SDPA call has no forward AD: math instead
+        sana = [m for m in modules if type(m.processor).__name__ == "SanaAttnProcessor2_0"]
+        for module in sana:
+            module.set_processor(AttnProcessor())
+        return installed + len(sana) + len(dispatched)
+    for module in modules:  # each kind by math that computes what it computed (AttnProcessor is no joint or linear attention)
+        name = type(module.processor).__name__
+        if name in JOINT_PROCESSORS:  # SD3's joint text-image attention
+            module.set_processor(FlashJointAttnProcessor("torch"))
+        elif name in PLAIN_PROCESSORS or name == "SanaAttnProcessor2_0":  # Sana's cross-attention: plain, masked
+            module.set_processor(AttnProcessor())
+        # else kept: Sana's linear attention is matmuls, which have forward AD as they are
     return len(modules) + len(dispatched)
