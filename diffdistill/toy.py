@@ -291,9 +291,9 @@ METHOD_DEFAULTS = {
     # LCM-style CD: Heun teacher steps on a coarse 10-point grid (k = 100), L2, EMA target 0.95, one-step samples
     "cd": {"name": "cd", "guidance": [1.0], "guidance_embedding_dim": 0, "ode_grid": 10, "solver": "heun", "distance": "l2",
            "target_ema": 0.95, "sample_steps": 1},
-    # sCD with sigma_d 1 (ring8's per-coordinate std is 1.4), a short tangent warmup and adaptive weighting
-    # No tangent warmup: at r < 1 sCM's tangent pulls the student towards the teacher's denoiser, which undoes the
-    # consistency warm start (TRAIN_DEFAULTS; from it with warmup 300, ED 0.007 -> 0.053 in 300 steps; without, 0.0054)
+    # sCD with sigma_d 1 (ring8's per-coordinate std is 1.4), adaptive weighting and no tangent warmup: at r < 1 the
+    # tangent pulls the student towards the teacher's denoiser, which undoes the consistency warm start (TRAIN_DEFAULTS;
+    # from it on ring8, 300 steps at lr 3e-4: ED 0.005 -> 0.030 with a warmup of 300, 0.0055 without)
     "scm": {"name": "scm", "sigma_data": 1.0, "tangent_warmup": 0, "adaptive_weighting": True},
     # rCM: sCM as above, then the DMD term (x0 critic, weight 1 in our reductions) after 100 sCM-only steps
     "rcm": {"name": "rcm", "sigma_data": 1.0, "tangent_warmup": 0, "adaptive_weighting": True, "dmd_warmup": 100, "dmd_weight": 1.0,
@@ -493,7 +493,9 @@ def denoiser_warm_start(mixture: GaussianMixture, steps: int, out, *, batch_size
 
 
 WARM_START_KINDS = ("kd", "consistency")
-CONSISTENCY_WARM_START_LR = 5e-3  # on a cosine to 0; ring8, 500 steps: 1e-3 flat left 47% between modes, 3e-3 17%, 6e-3 (cosine) 18%
+# On a cosine to 0. Ring8, 500 steps: 3e-3 flat left 17% of one-step samples between modes (ED 0.008), 6e-3 on the
+# cosine 18% (ED 0.005); from the shrunk ring, 500 steps at 1e-3 flat left 57%, which 250 sCM steps did not sharpen.
+CONSISTENCY_WARM_START_LR = 5e-3
 
 
 @torch.no_grad()

@@ -100,6 +100,11 @@ def test_mode_report_tells_sharp_from_blurry_and_dropped():
     assert report["modes_covered"] == 7 and report["mass_ratio_min"] == 0.0
 
 
+def test_unknown_warm_start_kind_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="warm_start_kind='sft', choose one of kd, consistency"):
+        train_on_toy(ring8(), METHOD_DEFAULTS["scm"], 1, tmp_path, widths=(16, 1, 16, 1), warm_start=1, warm_start_kind="sft")
+
+
 def test_endpoint_targets_step_onto_the_teacher_path():
     """The consistency warm start's targets: Phased DMD's expert step with output D = endpoint_target lands on the
     teacher's ODE path at the boundary; the path ends where the teacher's own DDIM sampler does."""
