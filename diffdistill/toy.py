@@ -20,6 +20,7 @@ from torch import nn
 from diffdistill.backbones.loading import Teacher
 from diffdistill.config import TrainConfig
 from diffdistill.data.sources import DataSource
+from diffdistill.generator import student_denoiser
 from diffdistill.methods.base import method_options
 from diffdistill.param import append_dims
 from diffdistill.run import build_trainer
@@ -252,25 +253,17 @@ class Floors:
         return out
 
 
-# Looser bars for the methods that do not reach Floors() in a test's budget (a few hundred to 1,500 steps, ~15 s of
-# CPU), each still failed by every broken variant in Floors' docstring (tests/test_toy_learning.py checks it).
+# Looser bars for the methods that do not reach Floors() in a test's budget (a few hundred to 1,500 steps, ~15-25 s
+# of CPU), each still failed by every broken variant in Floors' docstring (tests/test_toy_learning.py checks it).
 # CD: 18-22% between modes, spread 1.36-1.52 after 1,500 steps (2-step samples, seeds 0-2); 4,000 steps reach 19%
 # at lr 1e-3. The energy distance still catches the shrunk and uniform rings, between modes the blur (72%) and
 # uniform ring (50%), the spread bar the collapse (0.2); the blur's spread is 1.95, the uniform ring's 1.73.
-# sCM, rCM and Phased DMD reach no bar above the broken variants in such a budget (~20-30 s): sCM from a teacher
-# init at 800 steps ED 0.023-0.027, 62-66% between, spread 1.81-1.89 (seeds 0-2; ~2,400 steps, 75 s, reach ED 0.012
-# and 27%), rCM at 600 steps ED 0.027-0.042 / 63-74%, spread 1.90-2.00 (its looser bars), Phased DMD at 800 ED 0.024-0.030 / 52-61%, spread 1.71-1.84, its
-# modes' masses as far apart as 0.57 and 1.56 of their share.
-# Their floors catch an untrained, diverged, collapsed or mode-dropping student only: WEAK_FLOORS_PASS names the
-# broken variants each lets through (tests/test_toy_learning.py pins it).
-_WEAK = {"energy_distance": 0.04, "between_modes": 0.75, "spread_ratio": (0.6, 2.05)}
-METHOD_FLOORS: dict[str, Floors] = {
-    "cd": Floors(between_modes=0.3, spread_ratio=(0.6, 1.65)),
-    "scm": Floors(**_WEAK),
-    "rcm": Floors(energy_distance=0.05, between_modes=0.8, spread_ratio=(0.6, 2.1)),
-    "phased_dmd": Floors(**_WEAK, mass_ratio=(0.45, 1.75)),
-}
-WEAK_FLOORS_PASS = {name: ("blur 5x std", "uniform ring", "ring shrunk to radius 1.8") for name in ("scm", "rcm", "phased_dmd")}
+# sCM and rCM, repairing the shrunk ring from a consistency warm start (repair_ring8; TRAIN_DEFAULTS), hold to
+# the same bars: one-step samples at 18-21% between modes, ED 0.006-0.009 (see the tests).
+_CONSISTENCY_FLOORS = Floors(between_modes=0.3, spread_ratio=(0.6, 1.65))
+METHOD_FLOORS: dict[str, Floors] = {"cd": _CONSISTENCY_FLOORS, "scm": _CONSISTENCY_FLOORS, "rcm": _CONSISTENCY_FLOORS}
+# The broken variants a method's floors let through (tests/test_toy_learning.py pins it): none now.
+WEAK_FLOORS_PASS: dict[str, tuple[str, ...]] = {}
 
 
 def nll(samples: torch.Tensor, mixture: GaussianMixture) -> float:
@@ -298,10 +291,12 @@ METHOD_DEFAULTS = {
     # LCM-style CD: Heun teacher steps on a coarse 10-point grid (k = 100), L2, EMA target 0.95, one-step samples
     "cd": {"name": "cd", "guidance": [1.0], "guidance_embedding_dim": 0, "ode_grid": 10, "solver": "heun", "distance": "l2",
            "target_ema": 0.95, "sample_steps": 1},
-    # sCD with sigma_d 1 (ring8's per-coordinate std is 1.4), a short tangent warmup and adaptive weighting
-    "scm": {"name": "scm", "sigma_data": 1.0, "tangent_warmup": 300, "adaptive_weighting": True},
-    # rCM: sCM as above, then the DMD term (x0 critic, weight 1 in our reductions) after 200 sCM-only steps
-    "rcm": {"name": "rcm", "sigma_data": 1.0, "tangent_warmup": 200, "adaptive_weighting": True, "dmd_warmup": 200, "dmd_weight": 1.0,
+    # sCD with sigma_d 1 (ring8's per-coordinate std is 1.4), adaptive weighting and no tangent warmup: at r < 1 the
+    # tangent pulls the student towards the teacher's denoiser, which undoes the consistency warm start (TRAIN_DEFAULTS;
+    # from it on ring8, 300 steps at lr 3e-4: ED 0.005 -> 0.030 with a warmup of 300, 0.0055 without)
+    "scm": {"name": "scm", "sigma_data": 1.0, "tangent_warmup": 0, "adaptive_weighting": True},
+    # rCM: sCM as above, then the DMD term (x0 critic, weight 1 in our reductions) after 100 sCM-only steps
+    "rcm": {"name": "rcm", "sigma_data": 1.0, "tangent_warmup": 0, "adaptive_weighting": True, "dmd_warmup": 100, "dmd_weight": 1.0,
             "ratio": 4, "critic_loss": "x0"},
     # Phased DMD: two experts, 999 -> 749 -> data (a boundary at 499 left the toy MLP's last expert, which
     # starts near the identity there, slower to train), 3 fake-score steps per generator step
@@ -351,14 +346,20 @@ TRAIN_DEFAULTS["ladd"] = {**DM_TOY_TRAINING, "lr": 3e-5}
 # between modes, ED 0.006; lr 3e-3 20-23%); a generator EMA 0.99, an lr cosine or batch 512 were worse at
 # 1,500 steps, an ode_grid of 5 too (Heun's error on 200-step intervals).
 TRAIN_DEFAULTS["cd"] = {"widths": (128, 3, 128, 3), "lr": 5e-3}
-# sCM from a teacher init (1,000-1,500 sft steps: 56% between modes after 600 sCM steps against 77% from scratch
-# after 1,000) with a generator EMA 0.99 (52% against 56% at 800 steps). Not better at 600 steps: lr 3e-3 (65%),
-# 3e-4 (70%), tangent_warmup 100 (59%), p_mean 0 (87%, modes lost); a kd warm start (the t = 999 map only) falls
-# apart within 100 steps (ED 0.37), even at lr 3e-4. rCM from scratch at lr 1e-3 (a teacher init did not help it:
-# 82% between after 400 steps; a generator EMA 0.99: 78% after 600). Phased DMD at lr 2e-3 (a teacher init: 51% against 54% between, masses 0.64-1.57).
-TRAIN_DEFAULTS["scm"] = {"widths": (128, 3, 128, 3), "teacher_init": 1000, "ema_decay": 0.99}
-TRAIN_DEFAULTS["rcm"] = {"widths": (128, 3, 128, 3)}
-TRAIN_DEFAULTS["phased_dmd"] = {"widths": (128, 3, 128, 3), "lr": 2e-3}
+# sCM, rCM and Phased DMD from a consistency warm start (train_on_toy's warm_start_kind="consistency": 600 steps of
+# regression on the teacher's ODE trajectories, each student net onto the endpoint of its own step, ~5 s of CPU a net;
+# the shipped toy settings of these three). Before it, from a teacher init (sCM, 1,000 sft steps) or from scratch
+# (rCM, Phased DMD), a test's budget reached only ED 0.023-0.042 with 52-74% of samples between modes (sCM needed
+# ~2,400 steps, 75 s, for ED 0.012), and a kd warm start (the t = 999 map only) fell apart within 100 sCM steps.
+# From the warm start, repairing ring8 shrunk to radius 1.8 (repair_ring8), at one thread on a shared 2-core machine
+# (load 4-5): sCM at lr 3e-4 with the generator EMA 0.99, 300 steps, ED 0.038 -> 0.006, 19-20% between modes, spread
+# 1.15 (seeds 0, 1; lr 1e-3 left 31% between, 500 warm-start steps at lr 1e-3 57%); rCM the same with its critic at
+# 1e-3 (3e-4: ED 0.0116), 250 generator steps (100 sCM-only), ED 0.0088, 18%; Phased DMD at DM_TOY_TRAINING's rates,
+# 200 generator steps (100 per expert), ED 0.035 -> 0.0056, 15% between, spread 0.89: Floors() itself.
+CONSISTENCY_WARM_START = {"widths": (128, 3, 128, 3), "warm_start": 600, "warm_start_kind": "consistency"}
+TRAIN_DEFAULTS["scm"] = {**CONSISTENCY_WARM_START, "lr": 3e-4, "ema_decay": 0.99}
+TRAIN_DEFAULTS["rcm"] = {**CONSISTENCY_WARM_START, "lr": 3e-4, "critic_lr": 1e-3}
+TRAIN_DEFAULTS["phased_dmd"] = {**CONSISTENCY_WARM_START, "lr": 1e-4, "critic_lr": 1e-3}
 
 # sCM's students need a smooth time embedding (Lu & Song 2024, Sec. 4.1: large Fourier scales make the
 # jvp's time derivative explode); the toy MLP's default frequencies reach 100, which diverged here.
@@ -369,7 +370,8 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int | 
                  seed: int = 0, widths=(256, 3, 256, 4), num_real: int = 20000, fit: bool = True, ema_decay: float = 0.0,
                  minutes: float | None = None, critic_lr: float | None = None, lr_final: float | None = None, warm_start: int = 0,
                  curve_every: int = 0, curve_samples: int = 4000, generator_max_frequency: float | None = None, critic_warmup: int = 0,
-                 warm_start_target: GaussianMixture | None = None, sigma_data: float | None = None, teacher_init: int = 0):
+                 warm_start_target: GaussianMixture | None = None, sigma_data: float | None = None, teacher_init: int = 0,
+                 warm_start_kind: str = "kd"):
     """Trains a method against the exact teacher of ``mixture`` with the project's own Trainer.
 
     Returns the trained method (``fit=False``: the same method untrained, at its initialization, which
@@ -387,6 +389,9 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int | 
       toy learning rate 1e-3 whatever ``lr`` is) first, as DMD2's one-step SDXL recipe starts; they
       count against ``minutes``. ``warm_start_target``: regress on that mixture's ODE pairs instead
       (a test starts from a deliberately wrong student, e.g. a shrunk ring, that the method must repair).
+      ``warm_start_kind="consistency"``: regression on the teacher's ODE trajectories instead
+      (:func:`consistency_warm_start`), which makes each student net what a consistency method wants
+      at every level it is queried (a kd student knows only the t = 999 map).
     * ``teacher_init``: that many steps of sft (denoising on the mixture's samples) first, loaded into
       every student net (the generator, a consistency target, each phased_dmd expert and its EMA):
       the toy's stand-in for a student copied from the teacher, as CD, sCM, rCM and Phased DMD start
@@ -416,7 +421,9 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int | 
         start_weights = denoiser_warm_start(mixture, teacher_init, Path(out) / "teacher-init", batch_size=batch_size, lr=1e-3, seed=seed,
                                             widths=widths, generator_max_frequency=generator_max_frequency,
                                             sigma_data=teacher.make_student().sigma_data)
-    if warm_start:
+    if warm_start_kind not in WARM_START_KINDS:
+        raise ValueError(f"train_on_toy: warm_start_kind={warm_start_kind!r}, choose one of {', '.join(WARM_START_KINDS)}")
+    if warm_start and warm_start_kind == "kd":
         start_weights = kd_warm_start(warm_start_target or mixture, warm_start, Path(out) / "warm-start", batch_size=batch_size, lr=1e-3, seed=seed,
                                       widths=widths, generator_max_frequency=generator_max_frequency, sigma_data=teacher.make_student().sigma_data)
     total = critic_warmup + _steps_for(method, generator_steps) if generator_steps is not None else 10**9
@@ -432,9 +439,14 @@ def train_on_toy(mixture: GaussianMixture, method: dict, generator_steps: int | 
             raise ValueError(f"critic_warmup: {method['name']} has no critic phase")
         phase = trainer.method.phase
         trainer.method.phase = lambda step: "critic" if step < critic_warmup else phase(step - critic_warmup)
+    if warm_start and warm_start_kind == "consistency":
+        start_weights = consistency_warm_start(warm_start_target or mixture, warm_start, _endpoint_phases(trainer.method), batch_size=batch_size,
+                                               lr=CONSISTENCY_WARM_START_LR, seed=seed, widths=widths, generator_max_frequency=generator_max_frequency,
+                                               sigma_data=teacher.make_student().sigma_data)
     if start_weights is not None:
         for name in _student_nets(trainer.method):
-            _unwrap(trainer.method.nets[name]).load_state_dict(start_weights)
+            weights = start_weights[_expert_index(name)] if isinstance(start_weights, list) else start_weights
+            _unwrap(trainer.method.nets[name]).load_state_dict(weights)
         if "generator" in trainer.emas:  # the average starts from the warm-started weights, not the random ones
             trainer.emas["generator"].load_state_dict(start_weights)
     if minutes is not None:  # what is left of the budget once the warm start and the build are paid
@@ -478,6 +490,94 @@ def denoiser_warm_start(mixture: GaussianMixture, steps: int, out, *, batch_size
                            generator_max_frequency=generator_max_frequency, sigma_data=sigma_data)
         _WARM_STARTS[key] = {k: v.clone() for k, v in _unwrap(sft.nets["generator"]).state_dict().items()}
     return {k: v.clone() for k, v in _WARM_STARTS[key].items()}
+
+
+WARM_START_KINDS = ("kd", "consistency")
+# On a cosine to 0. Ring8, 500 steps: 3e-3 flat left 17% of one-step samples between modes (ED 0.008), 6e-3 on the
+# cosine 18% (ED 0.005); from the shrunk ring, 500 steps at 1e-3 flat left 57%, which 250 sCM steps did not sharpen.
+CONSISTENCY_WARM_START_LR = 5e-3
+
+
+@torch.no_grad()
+def teacher_ode_trajectories(teacher, n: int, times: list[float], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM paths of the teacher's ODE through ``times`` (decreasing, from the schedule's end), as
+    :func:`ddim_sample` takes them: (len(times), n, d) points x_t and the (n, d) endpoints x0."""
+    denoiser, schedule = teacher.denoiser(), teacher.schedule
+    x = torch.randn((n, *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
+    path = []
+    for i, t in enumerate(times):
+        path.append(x)
+        t_vec = torch.full((n,), float(t))
+        x0 = denoiser(x, t_vec, {})
+        if i + 1 < len(times):
+            alpha, sigma = append_dims(schedule.alpha(t_vec), x.ndim), append_dims(schedule.sigma(t_vec), x.ndim)
+            t_next = torch.full((n,), float(times[i + 1]))
+            x = append_dims(schedule.alpha(t_next), x.ndim) * x0 + append_dims(schedule.sigma(t_next), x.ndim) * (x - alpha * x0) / sigma
+    return torch.stack(path), x0
+
+
+def endpoint_target(schedule, x_t, t: float, x_s, s: float | None) -> torch.Tensor:
+    """The x0 output D that takes x_t to x_s in one DDIM step, alpha_s D + sigma_s (x_t - alpha_t D) / sigma_t = x_s
+    (s = None, data: D = x_s)."""
+    if s is None:
+        return x_s
+    alpha_t, sigma_t, alpha_s, sigma_s = (float(f(torch.tensor([v], dtype=torch.float64)))
+                                          for v in (t, s) for f in (schedule.alpha, schedule.sigma))
+    return (x_s - sigma_s / sigma_t * x_t) / (alpha_s - sigma_s * alpha_t / sigma_t)
+
+
+def consistency_warm_start(mixture: GaussianMixture, steps: int, phases: list[tuple] | None, *, batch_size: int, lr: float, seed: int,
+                           widths, generator_max_frequency: float, sigma_data: float, trajectories: int = 4096, ode_steps: int = 100):
+    """Student weights regressed on the teacher's ODE endpoints along its trajectories, kept per process.
+
+    ``phases`` None: one net f(x_t, t) -> x0 for x_t at every level of a ``ode_steps``-step DDIM path (a
+    consistency function at every noise level, sCM's and rCM's fixed point); else one net per
+    (t_k, s_k) of a few-step chain (Phased DMD's experts), regressed at x_{t_k} on the D whose DDIM step
+    lands on the path at s_k (s_k None: the endpoint). Returns a state dict, or a list of them.
+    Adam at ``lr``, betas (0.9, 0.99), as :func:`train_on_toy` sets its optimizers."""
+    key = ("consistency", mixture.means.numpy().tobytes(), mixture.std, steps, phases and tuple(phases), batch_size, lr, seed, tuple(widths),
+           generator_max_frequency, sigma_data, trajectories, ode_steps)
+    if key not in _WARM_STARTS:
+        teacher = toy_teacher(mixture, generator_width=widths[0], generator_depth=widths[1], generator_max_frequency=generator_max_frequency,
+                              sigma_data=sigma_data)
+        grid = sorted(set(teacher.schedule.sampling_timesteps(ode_steps)) | {t for phase in phases or () for t in phase if t is not None},
+                      reverse=True)
+        path, x0 = teacher_ode_trajectories(teacher, trajectories, grid, seed + 2)
+        if phases is None:  # every level of the path to its endpoint
+            tasks = [(path.flatten(0, 1), torch.tensor(grid).repeat_interleave(trajectories), x0.repeat(len(grid), 1))]
+        else:
+            tasks = [(path[grid.index(t)], torch.full((trajectories,), float(t)),
+                      endpoint_target(teacher.schedule, path[grid.index(t)], t, x0 if s is None else path[grid.index(s)], s)) for t, s in phases]
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            _WARM_STARTS[key] = [_regress(student_denoiser(teacher), *task, steps, batch_size, lr, seed) for task in tasks]
+    states = [{k: v.clone() for k, v in state.items()} for state in _WARM_STARTS[key]]
+    return states[0] if phases is None else states
+
+
+def _regress(net, x_t, t, target, steps: int, batch_size: int, lr: float, seed: int) -> dict:
+    """``steps`` of Adam on mean |net(x_t, t) - target|^2 over random rows; the net's state dict."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99))
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        rows = torch.randint(len(x_t), (batch_size,), generator=g)
+        loss = (net(x_t[rows], t[rows], {}) - target[rows]).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _endpoint_phases(method) -> list[tuple] | None:
+    """Phased DMD's (t_k, s_k) per expert; None for a single student net (a consistency function)."""
+    boundaries = getattr(method, "boundaries", None)
+    return None if boundaries is None else list(zip(method.timesteps, boundaries))
+
+
+def _expert_index(name: str) -> int:
+    return int(name.rsplit("_", 1)[1]) if name.startswith(("expert_", "ema_")) else 0
 
 
 def _student_nets(method) -> list[str]:
@@ -561,17 +661,18 @@ def _phase_rule(method: dict):
     return lambda step: "generator"
 
 
-REPAIR_START_RADIUS = 1.8  # the kd warm start of repair_ring8 learns this ring: ED 0.032, which the floors reject
+REPAIR_START_RADIUS = 1.8  # the warm start of repair_ring8 learns this ring: ED 0.032-0.038, which the floors reject
 
 
 def repair_ring8(name: str, generator_steps: int, out, **overrides) -> tuple[dict, dict]:
     """The toy tests' run: ``name`` at its shipped toy settings (:data:`TRAIN_DEFAULTS`), warm-started
-    from a kd student of ring8 shrunk to radius 1.8 (a broken variant that fails :class:`Floors`), then
+    (kd, or for sCM, rCM and Phased DMD a consistency warm start) on ring8 shrunk to radius 1.8 (a broken
+    variant that fails :class:`Floors`), then
     trained for ``generator_steps`` against the true ring8. Returns :func:`toy_quality` of 10,000
     samples at the start and at the end.
 
     Why this start: from scratch the DM students need minutes to pass the floors, far over a test's
-    budget; from the true ring's kd student they would pass with a generator that never moved. From
+    budget; from the true ring's warm start they would pass with a generator that never moved. From
     the shrunk ring the method itself has to move every sample outwards (the floors catch the shrunk
     ring by energy distance only: its between-mode share, 12%, and masses pass)."""
     settings = {**TRAIN_DEFAULTS.get(name, {}), "warm_start_target": ring8(REPAIR_START_RADIUS), **overrides}

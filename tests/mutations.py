@@ -4,7 +4,7 @@ Each mutation replaces one line of a copy of ``diffdistill/`` (the checkout is n
 runs the test files meant to guard it against the copy; the mutation is *caught* when they fail.
 Not collected by pytest (the name does not start with ``test_``); run it by hand:
 
-    OMP_NUM_THREADS=1 python tests/mutations.py            # the control, then every mutation: about 7 minutes here
+    OMP_NUM_THREADS=1 python tests/mutations.py            # the control, then every mutation: about 8 minutes here
     OMP_NUM_THREADS=1 python tests/mutations.py ema-noop    # one
 
 It prints one row per mutation and exits 1 if any survived.
@@ -47,6 +47,11 @@ MUTATIONS = {
                                 "loss = F.softplus(-fake_logits) + F.softplus(real_logits)", ["tests/test_adversarial.py"]),
     "ddim-steps-with-current-alpha": ("diffdistill/sampling.py", "x = alpha_next * x0 + sigma_next * eps", "x = alpha * x0 + sigma_next * eps",
                                       ["tests/test_sampling.py"]),
+    "scm-update-noop": ("diffdistill/methods/scm.py", "g = normalize_tangent(", "g = 0 * normalize_tangent(",
+                        ["tests/test_scm.py::test_repairs_a_shrunk_ring_to_the_floors[scm-300]"]),
+    "phased-dmd-fake-score-noop": ("diffdistill/methods/phased_dmd.py", 'return loss, {"loss_fake": loss.mean().item(), "stage": float(k)}',
+                                   'return 0 * loss, {"loss_fake": loss.mean().item(), "stage": float(k)}',
+                                   ["tests/test_phased_dmd.py::test_repairs_a_shrunk_ring_to_the_floors"]),
     "eval-captions-misaligned": ("diffdistill/eval/run.py", "captions[start : start + len(images)]", "captions[: len(images)]",
                                  ["tests/test_eval_coco.py::test_eval_end_to_end_resumes_after_an_interruption"]),
 }

@@ -4,10 +4,10 @@ held to absolute floors (:class:`diffdistill.toy.Floors`) that broken samples ar
 Each training test (here dmd and dmd2; sid, sim, f-distill and Diff-Instruct in their own files) runs
 :func:`diffdistill.toy.repair_ring8`: the method at its shipped toy settings, warm-started from a kd
 student of a ring shrunk to radius 1.8, which fails the floors (asserted), so the method itself has to
-bring every sample out to the ring in a few hundred generator steps. The consistency students and Phased DMD
-(tests/test_consistency.py, test_scm.py, test_phased_dmd.py) train without that warm start (it falls apart
-under them) and are held to their own floors, toy.METHOD_FLOORS: CD's still reject every broken variant; sCM's,
-rCM's and Phased DMD's, all these reach in a test's budget, let a blur, a uniform and a shrunk ring pass.
+bring every sample out to the ring in a few hundred generator steps. sCM, rCM and Phased DMD (tests/test_scm.py,
+test_phased_dmd.py) do the same from a consistency warm start (a kd student, the t = 999 map only, falls apart
+under them), sCM and rCM held to CD's floors (toy.METHOD_FLOORS, tests/test_consistency.py), which still reject
+every broken variant.
 """
 
 import math
@@ -46,7 +46,12 @@ def broken_ring8_samples(n: int = 10000, seed: int = 7) -> dict[str, torch.Tenso
     }
 
 
-@pytest.mark.parametrize("floors", ["default", *METHOD_FLOORS])
+DISTINCT_FLOORS = {}  # one method per distinct set of floors (sCM and rCM share CD's): each set is checked once
+for _name, _floors in METHOD_FLOORS.items():
+    DISTINCT_FLOORS.setdefault(_floors, _name)
+
+
+@pytest.mark.parametrize("floors", ["default", *DISTINCT_FLOORS.values()])
 def test_floors_reject_each_broken_variant_and_accept_the_teacher(floors):
     """The floors are discriminative: exact samples and the teacher's 50-step ODE pass, each broken variant fails;
     so do the looser per-method floors (toy.METHOD_FLOORS), except the variants toy.WEAK_FLOORS_PASS names, which pass."""
@@ -93,3 +98,26 @@ def test_mode_report_tells_sharp_from_blurry_and_dropped():
     dropped = sharp[torch.cdist(sharp.double(), mixture.means).argmin(1) != 0]
     report = mode_report(dropped, mixture)
     assert report["modes_covered"] == 7 and report["mass_ratio_min"] == 0.0
+
+
+def test_unknown_warm_start_kind_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="warm_start_kind='sft', choose one of kd, consistency"):
+        train_on_toy(ring8(), METHOD_DEFAULTS["scm"], 1, tmp_path, widths=(16, 1, 16, 1), warm_start=1, warm_start_kind="sft")
+
+
+def test_endpoint_targets_step_onto_the_teacher_path():
+    """The consistency warm start's targets: Phased DMD's expert step with output D = endpoint_target lands on the
+    teacher's ODE path at the boundary; the path ends where the teacher's own DDIM sampler does."""
+    from diffdistill.methods.phased_dmd import expert_step
+    from diffdistill.sampling import ddim_sample
+    from diffdistill.toy import endpoint_target, teacher_ode_trajectories
+
+    teacher = toy_teacher(ring8(), generator_width=16, generator_depth=1, critic_width=16, critic_depth=1)
+    grid = teacher.schedule.sampling_timesteps(20)  # 999, 949, ..., 749, ...
+    path, x0 = teacher_ode_trajectories(teacher, 64, grid, seed=5)
+    t, s = grid.index(999.0), grid.index(749.0)
+    target = endpoint_target(teacher.schedule, path[t], 999.0, path[s], 749.0)
+    landed = expert_step(lambda x, t_vec, cond: target, teacher.schedule, path[t], 999.0, 749.0, {})
+    torch.testing.assert_close(landed, path[s], atol=1e-5, rtol=1e-5)
+    assert torch.equal(endpoint_target(teacher.schedule, path[s], 749.0, x0, None), x0)
+    torch.testing.assert_close(x0, ddim_sample(teacher.denoiser(), path[0], grid, {}), atol=1e-5, rtol=1e-5)
