@@ -22,7 +22,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from diffdistill.backbones import feature_module
 from diffdistill.config import ConfigError, load_recipe
 from diffdistill.denoiser import LORA_TARGETS
-from diffdistill.scores import GANHead
+from diffdistill.methods.adversarial import DiscriminatorHeads, as_tokens, pooled_text
+from diffdistill.methods.base import method_options
+from diffdistill.scores import GANHead, LayerTaps
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,6 +33,7 @@ BACKBONES = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "sd3", "Fl
              "DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana"}
 TEXT_TOKENS = {"unet": 77, "sd3": 333, "flux": 512, "pixart": 300, "sana": 300}  # what each pipeline encodes (SD3: 77 CLIP + 256 T5)
 CRITIC_METHODS = {"dmd", "dmd2", "diff_instruct", "fdistill", "phased_dmd", "rcm", "sid", "sim"}  # methods that train a fake score
+TEACHER_HEAD_METHODS = {"ladd"}  # discriminator heads on the frozen teacher's blocks, the generator's gradient through the teacher
 
 # Stated sizes assumed where a folder has no vae/ or text_encoder*/config.json (the published models, counted on meta).
 DEFAULT_VAE = ("SD VAE (AutoencoderKL 128-512 ch)", 83_653_863)
@@ -47,7 +50,10 @@ PipelineConfigs = namedtuple("PipelineConfigs", "folder backbone_class backbone 
 # Bytes of one forward with grad: kept for backward at its end (saved) and once the GAN's feature module has run (at_features);
 # saved weights in the compute dtype (weights); the largest checkpointed block's own saved bytes (block_peak) and size.
 Activations = namedtuple("Activations", "saved at_features weights block_peak block_params")
-Measurements = namedtuple("Measurements", "backbone buffers lora gan_head frozen frozen_note latent activations")
+# LADD's teacher pass: the frozen teacher's forward with grad to its input (never checkpointed: only trained backbones are), the
+# bytes of the block outputs its heads read (held through a no-grad pass until the heads run), and what the heads keep for backward.
+TeacherHeadsPass = namedtuple("TeacherHeadsPass", "teacher features heads")
+Measurements = namedtuple("Measurements", "backbone buffers lora gan_head frozen frozen_note latent activations teacher_heads", defaults=(None,))
 
 
 # Configs and parameter counts, on the meta device.
@@ -221,6 +227,24 @@ def measure_activations(model, kind: str, batch: int, latent: int, checkpointing
     return Activations(meter.saved, meter.at_features, sum(meter.weights.values()), meter.block_peak, meter.block_params), meter.feature_shape
 
 
+def measure_teacher_heads(model, kind: str, batch: int, latent: int, layers: list[int] | None, width: int) -> tuple[int, TeacherHeadsPass]:
+    """LADD on meta: the frozen teacher's forward with grad to its input, its blocks tapped as the method taps them (LayerTaps), and
+    its DiscriminatorHeads built on those features and run once. Returns (the heads' parameters, the pass's bytes)."""
+    model.requires_grad_(False)
+    taps = LayerTaps(model, layers)
+    with taps.reading():
+        teacher, _ = measure_activations(model, kind, batch, latent, checkpointing=False)
+    inputs = example_inputs(kind, model.config, batch, latent, next(model.parameters()).dtype)
+    text = pooled_text({k: v for k, v in (inputs | inputs.get("added_cond_kwargs", {})).items() if torch.is_tensor(v)}, batch, "meta")
+    features = [torch.empty_like(f, device="meta").requires_grad_(True) for f in taps.values]  # graph from here on only
+    with torch.device("meta"):
+        heads = DiscriminatorHeads([as_tokens(f).shape[-1] for f in features], [1.0] * len(features), text.shape[1], 1.0, width)
+    meter = SavedTensorMeter(heads)
+    with meter.counting():
+        heads(features, torch.full((batch,), 0.5, device="meta"), text)
+    return _numel(heads), TeacherHeadsPass(teacher, sum(SavedTensorMeter.storage(f)[1] for f in features), meter.saved)
+
+
 # The plan: what a recipe keeps on each GPU.
 @dataclass
 class PlanSpec:
@@ -245,6 +269,14 @@ class PlanSpec:
         guided = 1 if float(self.method.get("guidance", 1.0)) == 1.0 else 2
         return self.method.get("name") in CRITIC_METHODS, float(self.method.get("gan_weight") or 0) > 0, guided
 
+    def teacher_heads(self) -> bool:
+        """LADD: trained heads on the frozen teacher's blocks, in place of a fake score and a GAN head."""
+        return self.method.get("name") in TEACHER_HEAD_METHODS
+
+    def options(self):
+        """The method's options dataclass (its defaults filled in), as the trainer reads the recipe's method section."""
+        return method_options(self.method)[1]
+
 
 def measure_plan(spec: PlanSpec) -> Measurements:
     """All the meta-device work: counts, and activations of {full, LoRA} x {checkpointing off, on} at the spec's batch."""
@@ -259,7 +291,12 @@ def measure_plan(spec: PlanSpec) -> Measurements:
             activations[lora, checkpointing], features = measure_activations(model, BACKBONES[pipe.backbone_class], spec.batch, latent, checkpointing)
     with torch.device("meta"):  # DMD2's classifier on the critic's features
         gan_head = _numel(GANHead(features[-1] if len(features) == 3 else features[1], len(features))) if spec.passes()[1] else 0
-    return Measurements(counts[False], buffers, counts[True], gan_head, *frozen_pipeline_parameters(pipe, config), latent, activations)
+    teacher_heads = None
+    if spec.teacher_heads():  # a fifth pass, on a fresh frozen copy
+        options = spec.options()
+        model = torch.nn.Module.to(build_backbone(pipe.backbone, pipe.backbone_class), getattr(torch, COMPUTE_DTYPE[spec.mixed_precision]))
+        gan_head, teacher_heads = measure_teacher_heads(model, BACKBONES[pipe.backbone_class], spec.batch, latent, options.feature_layers, options.head_width)
+    return Measurements(counts[False], buffers, counts[True], gan_head, *frozen_pipeline_parameters(pipe, config), latent, activations, teacher_heads)
 
 
 @dataclass(frozen=True)
@@ -286,8 +323,9 @@ def _phases(spec: PlanSpec, m: Measurements, tiers: Tiers, trainable: dict, grad
     no_grad = m.activations[False, True].block_peak  # a no-grad pass holds about one block's intermediates at a time
     # Without autocast a pass computes in its weights' dtype: passes on the teacher's frozen weights in the teacher's.
     frozen = BYTES[tiers.teacher_dtype] / compute if spec.mixed_precision == "no" else 1
-    def grad_pass(lora: bool, extra: int = 0) -> tuple[float, float]:  # (kept for backward, + one block's recompute in it)
-        a = m.activations[lora, ck]
+    def grad_pass(lora: bool, extra: int = 0, a: Activations | None = None) -> tuple[float, float]:
+        """(kept for backward, + one block's recompute in it); ``lora``: on the teacher's frozen weights; ``a``: another measurement."""
+        a = a or m.activations[lora, ck]
         sharded = tiers.parallel == "fsdp" and (tiers.shard_teacher or not lora)  # FSDP2 frees gathered weights after each block
         if sharded or spec.mixed_precision == "no" or BYTES[tiers.teacher_dtype if lora else spec.param_dtype] == compute:
             copies = 0
@@ -297,6 +335,8 @@ def _phases(spec: PlanSpec, m: Measurements, tiers: Tiers, trainable: dict, grad
     def peak(grads: int, forward: float, backward: float) -> float:
         return max(forward, backward + grads * grad_bytes) - grads * grad_bytes
     critic_lora, (student, student_rc) = tiers.critic == "lora", grad_pass(tiers.student_lora)
+    if m.teacher_heads:
+        return _teacher_heads_phases(m.teacher_heads, trainable, peak, grad_pass, student, student_rc, no_grad, frozen)
     (critic, critic_rc), student_no_grad = grad_pass(critic_lora) if gan else (0, 0), no_grad * (frozen if tiers.student_lora else 1)
     grads = trainable["student"] + (trainable["critic"] + trainable["GAN head"] if gan else 0)
     phases = [("generator", grads, peak(grads, student + max(no_grad * guided * frozen, critic), student + critic + max(student_rc, critic_rc)))]
@@ -308,13 +348,26 @@ def _phases(spec: PlanSpec, m: Measurements, tiers: Tiers, trainable: dict, grad
     return phases
 
 
+def _teacher_heads_phases(th: TeacherHeadsPass, trainable: dict, peak, grad_pass, student, student_rc, no_grad, frozen) -> list:
+    """LADD's two phases. Generator: the student forward with grad (earlier backward-simulation steps under no_grad, done
+    before it), then the frozen teacher on its sample with grad to its input, kept whole (no checkpointing on the teacher),
+    and the heads on the tapped blocks; the heads are read with frozen weights, so grads are the student's alone, and they
+    are made only once backward has passed the teacher and freed its saves. Heads phase: the student under no_grad, one
+    no-grad teacher pass on fake + real (2B) whose tapped block outputs stay alive until the heads have run with grad."""
+    teacher, _ = grad_pass(True, a=th.teacher)
+    generator = peak(trainable["student"], student + teacher + th.heads, student + student_rc)
+    heads = peak(trainable["GAN head"], max(no_grad, 2 * th.features * frozen + max(2 * no_grad * frozen, 2 * th.heads)), 2 * th.heads)
+    return [("generator", trainable["student"], generator), ("critic", trainable["GAN head"], heads)]
+
+
 def component_bytes(spec: PlanSpec, m: Measurements, tiers: Tiers) -> tuple[dict, str]:
     """Bytes per GPU by component, and the phase (generator or critic) whose peak sets grads and activations."""
     has_critic, gan, _ = spec.passes()
     shard, param, compute = spec.gpus if tiers.parallel == "fsdp" else 1, BYTES[spec.param_dtype], BYTES[COMPUTE_DTYPE[spec.mixed_precision]]
     full_critic = has_critic and tiers.critic == "full"
     trainable = {"student": m.lora if tiers.student_lora else m.backbone,
-                 "critic": (m.backbone if full_critic else m.lora) if has_critic else 0, "GAN head": m.gan_head if gan else 0}
+                 "critic": (m.backbone if full_critic else m.lora) if has_critic else 0,
+                 "GAN head": m.gan_head if gan or spec.teacher_heads() else 0}  # LADD: its heads on the teacher
     out = {"student": (trainable["student"] + (0 if tiers.student_lora else m.buffers)) * param / shard,
            "critic": (trainable["critic"] + (m.buffers if full_critic else 0)) * param / shard, "GAN head": trainable["GAN head"] * 4 / shard,
            "teacher": (m.backbone + m.buffers) * BYTES[tiers.teacher_dtype] / (shard if tiers.shard_teacher else 1),
@@ -335,7 +388,8 @@ def tier_rows(spec: PlanSpec) -> list[tuple[str, Tiers, int]]:
     steps = [(label.format(gpus=spec.gpus), change, cost) for label, change, cost in TIER_LADDER
              if (spec.gpus > 1 or "parallel" not in change) and (spec.passes()[0] or "critic" not in change) and replace(base, **change) != base]
     rows, tiers, names, total = [("baseline", base, 0)] + [(label, replace(base, **change), cost) for label, change, cost in steps], base, [], 0
-    for label, change, cost in steps + [STUDENT_LORA]:
+    lora_student = [STUDENT_LORA] if hasattr(spec.options(), "student_lora_rank") else []  # others refuse method.student_lora_rank
+    for label, change, cost in steps + lora_student:
         tiers, total, names = replace(tiers, **change), total + cost, names + [label]
         rows.append((" + ".join(names) if len(names) < len(steps) else f"all: {' + '.join(names)}", tiers, total))
     seen = set()  # the first label of a tier set wins
@@ -386,7 +440,15 @@ def render_markdown(rows: list[dict], spec: PlanSpec, m: Measurements) -> str:
   recompute. Grads and activations are those of the phase (generator or critic) with the higher peak.
 - Trained copies in {spec.param_dtype}; AdamW 8 bytes/param (8-bit: 2; offload: 0 on the GPU); EMA float32; teacher, VAE, text encoders in
   the teacher dtype. Workspace: {spec.workspace_fraction:.0%} of the rest + {spec.workspace_fixed_gib * (spec.device == "cuda"):g} GiB (FSDP: + 2 blocks).
-- The LoRA critic keeps its adapters on the teacher's own frozen weights (no third copy; a full critic adds {m.backbone * 4 / GIB:.1f} GiB)."""
+- The LoRA critic keeps its adapters on the teacher's own frozen weights (no third copy; a full critic adds {m.backbone * 4 / GIB:.1f} GiB).""" + _teacher_heads_note(m)
+
+
+def _teacher_heads_note(m: Measurements) -> str:
+    if not (th := m.teacher_heads):
+        return ""
+    return (f"\n- LADD: the GAN head column is its discriminator heads on the frozen teacher's blocks ({m.gan_head:,} parameters, own AdamW"
+            f" state); the teacher's forward with grad to the student keeps {th.teacher.saved / GIB:.2f} GiB (never checkpointed), the"
+            f" heads {th.heads / GIB:.2f} GiB, the tapped block outputs {th.features / GIB:.2f} GiB. The pool of teacher samples is not counted.")
 
 
 # Command line.

@@ -12,6 +12,8 @@ from diffdistill import plan
 from diffdistill.backbones.sd15_shaped import sd15_shaped_unet_config
 from diffdistill.cli import build_parser
 from diffdistill.config import ConfigError, load_recipe
+from diffdistill.methods.base import method_options
+from diffdistill.methods.ladd import LADD
 from diffdistill.plan import (
     GIB,
     PlanSpec,
@@ -26,6 +28,7 @@ from diffdistill.plan import (
     render_markdown,
     run_plan,
 )
+from diffdistill.teachers import resolve_teacher
 
 CONFIGS = Path(__file__).parent / "configs"
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -169,3 +172,27 @@ def test_every_planned_tier_is_a_recipe_the_trainer_reads(sd15):
         assert (cfg.optimizer_offload or cfg.cpu_offload) == tiers.optimizer_offload and not (cfg.cpu_offload and not fsdp)
         assert (cfg.method.get("critic_lora_rank", 0) > 0) == (tiers.critic == "lora")
         assert (cfg.method.get("student_lora_rank", 0) > 0) == tiers.student_lora
+
+
+@pytest.mark.parametrize("spec", ["tiny:sd3", "tiny:unet"])
+def test_ladd_plans_the_real_methods_heads_and_student(spec, tmp_path):
+    """LADD's planned trainables are the built method's generator and heads (on the tapped blocks, at its head width), with their
+    AdamW state; its teacher pass with grad is counted whole under gradient checkpointing; no LoRA-student tier (ladd refuses it)."""
+    teacher, options = resolve_teacher(spec), {"name": "ladd", "real": "data", "feature_layers": [0, -1], "head_width": 16}
+    method = LADD(method_options(options)[1], teacher)
+    generator, heads = (sum(p.numel() for p in method.nets[name].parameters() if p.requires_grad) for name in ("generator", "heads"))
+    folder = tmp_path / ("unet" if teacher.kind == "unet" else "transformer")
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**teacher.backbone.config, "_class_name": type(teacher.backbone).__name__}))
+    plan_spec = PlanSpec(str(tmp_path), options, batch=2, resolution=8 * teacher.latent_shape[-1], mixed_precision="no")
+    m = measure_plan(plan_spec)
+    assert (m.backbone, m.gan_head) == (generator, heads)
+    parts, _ = component_bytes(plan_spec, m, Tiers())
+    assert parts["optimizer"] == 8 * (generator + heads) and parts["GAN head"] == 4 * heads and parts["critic"] == 0
+    assert m.teacher_heads.teacher.block_peak == 0  # measured without checkpointing: the trainer checkpoints trained backbones only
+    teacher_pass, trainable = m.teacher_heads.teacher.saved + m.teacher_heads.heads, {"student": generator, "critic": 0, "GAN head": heads}
+    for ck in (False, True):  # generator phase: the student's saves, then the whole teacher's (never checkpointed) and the heads'
+        phases = {name: (grads, act) for name, grads, act in plan._phases(plan_spec, m, Tiers(gradient_checkpointing=ck), trainable, 4)}
+        assert phases == {"generator": (generator, phases["generator"][1]), "critic": (heads, phases["critic"][1])}  # each its own grads
+        assert 0 < m.activations[False, ck].saved + teacher_pass <= phases["generator"][1] + 4 * generator
+    assert not any("LoRA student" in row["tiers"] for row in plan_table(plan_spec, m))
