@@ -73,6 +73,7 @@ TESTED: dict[tuple[str, str], dict[str, str]] = {
     ("dmd2", "sana"): {"run": "test_flux_sana.py::test_dmd2_generator_and_critic_steps_run",
                        "export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
     ("rcm", "flux"): {"run": RECIPES_RUN},  # recipes/flux/rcm.yaml, on tiny:flux
+    ("ladd", "flux"): {"run": RECIPES_RUN},  # recipes/flux/ladd.yaml, on tiny:flux
     ("meanflow", "unet"): {"export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
     ("meanflow", "sd3"): {"run": "test_export_students.py::runs",
                           "export": "test_export_students.py::test_plain_diffusers_reproduces_flow_cd_and_phased_students"},
