@@ -8,7 +8,7 @@ from diffdistill.denoiser import Denoiser
 from diffdistill.methods import build_method
 from diffdistill.sampling import cfg_combine
 from diffdistill.schedules import VPSchedule
-from diffdistill.scores import FeatureTap, ScoreEngine, can_stop_early, guided, make_critic
+from diffdistill.scores import FeatureTap, ScoreEngine, block_output, can_stop_early, guided, make_critic
 from diffdistill.teachers import resolve_teacher
 from diffdistill.toy import SD15_SCHEDULE, ring8, toy_teacher
 
@@ -97,6 +97,16 @@ def test_gan_head_reads_the_image_tokens_of_a_joint_transformer():
     assert tap.value.shape[:2] == (2, (height // patch) * (width // patch))
     logits = method.engine.gan_logits(x, t, cond)
     assert logits.shape == (2,) and torch.isfinite(logits).all()
+
+
+def test_block_output_is_the_image_features_of_every_block_kind():
+    """A joint block's (text, image) and SD3's last (None, image) give the image tokens; a UNet down block's
+    (hidden states, skip tuple) its hidden states; a plain tensor itself. LADD taps the joint blocks."""
+    text, image, skips = torch.zeros(2, 3, 8), torch.ones(2, 5, 8), (torch.full((2, 4), 2.0),)
+    assert block_output((text, image)) is image
+    assert block_output((None, image)) is image
+    assert block_output((image, skips)) is image
+    assert block_output(image) is image
 
 
 def _unet_dmd2_with_gan_head():
