@@ -14,6 +14,14 @@ def test_every_verb_has_help(verb, capsys):
     assert len(capsys.readouterr().out) > 100
 
 
+def test_quickstart_defaults_to_the_zoos_quickstart_recipe():
+    """The CLI names the default without importing the zoo (start-up time); both must name one shipped recipe."""
+    from diffdistill.zoo.quickstart import QUICKSTART_METHOD, recipe_path
+
+    assert build_parser().parse_args(["quickstart"]).method == QUICKSTART_METHOD
+    assert recipe_path(QUICKSTART_METHOD).is_file()
+
+
 def test_top_level_help_runs_as_a_program():
     out = subprocess.run([sys.executable, "-m", "diffdistill", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "train" in out.stdout and "tiny-sd" in out.stdout
