@@ -184,7 +184,8 @@ def test_a_refusal_raised_as_systemexit_exits_2_with_one_error_line(tmp_path, ca
 
 
 def fake_student(run_dir):
-    return SimpleNamespace(run_dir=run_dir, timesteps=[999], checkpoint=run_dir / "checkpoints" / "step-1", ema=False, default_steps=None, experts=None)
+    return SimpleNamespace(run_dir=run_dir, timesteps=[999], checkpoint=run_dir / "checkpoints" / "step-1", ema=False, default_steps=None, experts=None,
+                           deterministic=False)
 
 
 @pytest.fixture
