@@ -211,24 +211,20 @@ def main(argv=None) -> int:
 
 def train_all(methods: list[str], out: Path, overrides: list[str], jobs: int) -> dict:
     """Trains every method (``jobs`` at once); returns its seconds, or the exception that stopped it."""
-    runs = [(m, out / m / "run", overrides, jobs > 1) for m in methods]
+    runs = {m: (m, out / m / "run", overrides, jobs > 1) for m in methods}
     if jobs <= 1:
-        results = {}
-        for run in runs:
-            try:
-                results[run[0]] = train_method(*run)
-            except Exception as e:  # reported as the method's row
-                results[run[0]] = e
-        return results
+        return {m: result_or_error(lambda run=run: train_method(*run)) for m, run in runs.items()}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {run[0]: pool.submit(train_method, *run) for run in runs}
-        results = {}
-        for method, future in futures.items():
-            try:
-                results[method] = future.result()
-            except Exception as e:  # reported as the method's row
-                results[method] = e
-        return results
+        futures = {m: pool.submit(train_method, *run) for m, run in runs.items()}
+        return {m: result_or_error(future.result) for m, future in futures.items()}
+
+
+def result_or_error(call):
+    """``call()``, or the exception it raised: one method's failure becomes its row, not the benchmark's end."""
+    try:
+        return call()
+    except Exception as e:
+        return e
 
 
 def last_logged_row(run_dir: Path) -> dict:
