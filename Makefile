@@ -9,11 +9,12 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Reinstall only when what we install changed: a second `make test` starts in seconds.
+# Reinstall only when what we install changed: a second `make test` starts in seconds. --no-compile: byte-compiling
+# all of torch takes about a minute of set-up; Python compiles only what is imported, on first import.
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e '.[test]'
+	$(VENV)/bin/pip install -q --no-compile -c constraints-cpu.txt -e '.[test]'
 	touch $(STAMP)
 
 quickstart: $(STAMP)
