@@ -61,7 +61,7 @@ def _tiny_sd(args) -> int:
 
 
 def _quickstart(args) -> int:
-    from diffdistill.zoo.quickstart import results_table, run_quickstart, training_summary  # lazy: see the note at the top
+    from diffdistill.zoo.quickstart import floors_report, results_table, run_quickstart, training_summary  # lazy: see the note at the top
 
     overrides = list(args.overrides) + ([f"max_steps={args.steps}"] if args.steps else [])
     results = run_quickstart(args.method, args.out, overrides, num_samples=args.samples, latency_repeats=args.latency_repeats)
@@ -71,6 +71,7 @@ def _quickstart(args) -> int:
           f"{training_summary(results)}")
     print(f"exported diffusers pipeline: {results['export_dir']}  (DiffusionPipeline.from_pretrained(...)(\"the number seven\", num_inference_steps=1))")
     print(f"grids, loss curve and results.json in {args.out}")
+    print(floors_report(results))
     return 0
 
 

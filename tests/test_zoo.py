@@ -86,6 +86,27 @@ def test_quickstart_cli_writes_results_grids_and_an_export(tmp_path, capsys):
     assert "| student | 1 |" in capsys.readouterr().out
 
 
+def test_floors_report_names_each_floor_the_student_misses():
+    from diffdistill.zoo.quickstart import floors_missed, floors_report
+
+    def results(fid, accuracy=0.98, covered=10):
+        return {"teacher": {"digit_fid": 15.71}, "student": {"digit_fid": fid, "prompt_accuracy": accuracy, "digits_covered": covered}}
+
+    assert floors_missed(results(19.34)) == [] and floors_report(results(20.4)).endswith(": met")
+    assert floors_missed(results(21.62)) == ["digit-FID 21.62 is 1.38x the teacher's (floor 1.3x)"]
+    assert len(floors_missed(results(30.0, accuracy=0.94, covered=9))) == 3
+    assert "prompt accuracy 94.0% (floor 95%)" in floors_report(results(19.0, accuracy=0.94))
+
+
+@pytest.mark.skipif(not os.environ.get("DIFFDISTILL_QUICKSTART_FLOORS"),
+                    reason="the full default quickstart (about 8 minutes on 2 cores): set DIFFDISTILL_QUICKSTART_FLOORS=1")
+def test_default_quickstart_meets_its_floors(tmp_path):
+    from diffdistill.zoo.quickstart import floors_missed, run_quickstart
+
+    results = run_quickstart(out=tmp_path / "qs", latency_repeats=1)
+    assert floors_missed(results) == []
+
+
 def test_quickstart_names_the_recipes_there_are():
     from diffdistill.zoo.quickstart import recipe_path
 

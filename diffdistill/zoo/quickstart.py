@@ -45,6 +45,10 @@ from diffdistill.zoo.quality import (
 # (recipes/zoo/digits_dmd2_gan.yaml), the best digits recipe measured (README "Measured here").
 QUICKSTART_METHOD = "dmd2_gan"
 
+# What the default quickstart must reach (issue 14's floors): digit-FID at most 1.3x the teacher's 25-step
+# value, prompt accuracy at least 95%, every digit covered.
+QUICKSTART_FLOORS = {"fid_ratio": 1.3, "prompt_accuracy": 0.95, "digits_covered": 10}
+
 
 def recipe_path(method: str) -> Path:
     path = ZOO_RECIPES / f"digits_{method}.yaml"
@@ -138,6 +142,26 @@ def evaluate(teacher_dir, student_dir, *, num_samples: int = 1000, guidance: flo
     results["judge_held_out_accuracy"] = judge.report.get("held_out_accuracy")
     return results
 
+def floors_missed(results: dict, floors: dict = QUICKSTART_FLOORS) -> list[str]:
+    """The quickstart floors the student misses, each as a line naming its value and the floor ([] when all are met)."""
+    student, ratio = results["student"], results["student"]["digit_fid"] / results["teacher"]["digit_fid"]
+    missed = []
+    if ratio > floors["fid_ratio"]:
+        missed.append(f"digit-FID {student['digit_fid']:.2f} is {ratio:.2f}x the teacher's (floor {floors['fid_ratio']}x)")
+    if student["prompt_accuracy"] < floors["prompt_accuracy"]:
+        missed.append(f"prompt accuracy {100 * student['prompt_accuracy']:.1f}% (floor {100 * floors['prompt_accuracy']:.0f}%)")
+    if student["digits_covered"] < floors["digits_covered"]:
+        missed.append(f"{student['digits_covered']}/10 digits covered (floor {floors['digits_covered']})")
+    return missed
+
+
+def floors_report(results: dict, floors: dict = QUICKSTART_FLOORS) -> str:
+    """One line: the floors, and whether the student met them."""
+    missed = floors_missed(results, floors)
+    return (f"quickstart floors (digit-FID <= {floors['fid_ratio']}x the teacher's, prompt accuracy >= {100 * floors['prompt_accuracy']:.0f}%, "
+            f"{floors['digits_covered']}/10 digits): " + ("met" if not missed else "missed: " + "; ".join(missed)))
+
+
 def results_table(results: dict) -> str:
     lines = ["| generator | steps | digit-FID | prompt accuracy | digits covered | latency / image | speedup |", "|---|---|---|---|---|---|---|"]
     base = results["teacher"]["latency_s"]
@@ -169,4 +193,4 @@ def run_quickstart(method: str = QUICKSTART_METHOD, out="runs/quickstart", overr
     return results
 
 
-__all__ = ["QUICKSTART_METHOD", "evaluate", "evaluation_prompts", "generate_images", "results_table", "run_quickstart", "save_loss_curve", "training_summary"]
+__all__ = ["QUICKSTART_FLOORS", "QUICKSTART_METHOD", "evaluate", "floors_missed", "floors_report", "evaluation_prompts", "generate_images", "results_table", "run_quickstart", "save_loss_curve", "training_summary"]
