@@ -142,6 +142,7 @@ def evaluate(teacher_dir, student_dir, *, num_samples: int = 1000, guidance: flo
     results["judge_held_out_accuracy"] = judge.report.get("held_out_accuracy")
     return results
 
+
 def floors_missed(results: dict, floors: dict = QUICKSTART_FLOORS) -> list[str]:
     """The quickstart floors the student misses, each as a line naming its value and the floor ([] when all are met)."""
     student, ratio = results["student"], results["student"]["digit_fid"] / results["teacher"]["digit_fid"]
@@ -193,4 +194,4 @@ def run_quickstart(method: str = QUICKSTART_METHOD, out="runs/quickstart", overr
     return results
 
 
-__all__ = ["QUICKSTART_FLOORS", "QUICKSTART_METHOD", "evaluate", "floors_missed", "floors_report", "evaluation_prompts", "generate_images", "results_table", "run_quickstart", "save_loss_curve", "training_summary"]
+__all__ = ["QUICKSTART_FLOORS", "QUICKSTART_METHOD", "evaluate", "evaluation_prompts", "floors_missed", "floors_report", "generate_images", "results_table", "run_quickstart", "save_loss_curve", "training_summary"]
