@@ -139,6 +139,8 @@ def job_options(name: str, args) -> dict:
         options["lr"] = args.lr
     if args.ema is not None:
         options["ema_decay"] = args.ema
+    if args.warm_start is not None:
+        options["warm_start"] = args.warm_start
     if name == "phased_dmd":
         options["ema_decay"] = 0.0  # its own expert_ema
     options["generator_steps"] = None if args.minutes and not args.steps else (args.steps or 1000)
@@ -201,6 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, help="both nets' learning rate (default: TRAIN_DEFAULTS, else 1e-3)")
     parser.add_argument("--ema", type=float, help="sample each student from an EMA of its generator with this decay (0: none; "
                         "default: TRAIN_DEFAULTS, else none)")
+    parser.add_argument("--warm-start", type=int, help="generator steps of the warm start before the method's own (0: none; "
+                        "default: TRAIN_DEFAULTS, e.g. 2,000 kd steps for the distribution-matching students)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the rows as JSON")
     parser.add_argument("--save-samples", type=Path, help="write DIR/<target>_<method>.npy (10000x2 float32) and a scatter PNG")
