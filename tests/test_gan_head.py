@@ -7,10 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffdistill.config import load_recipe
+from diffdistill.config import TrainConfig, load_recipe
+from diffdistill.methods import build_method
 from diffdistill.methods.adversarial import discriminator_loss, generator_gan_loss, per_sample
+from diffdistill.randomness import BatchRandom
 from diffdistill.run import build_trainer
 from diffdistill.scores import GANHead
+from diffdistill.toy import ring8, toy_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,3 +60,50 @@ def test_both_gan_losses_reduce_a_patch_heads_logits_per_sample():
     loss, _ = discriminator_loss(engine, (fake_logits, None), (real_logits, None), {})
     torch.testing.assert_close(loss, (F.softplus(fake_logits) + F.softplus(-real_logits)).mean(1))
     torch.testing.assert_close(generator_gan_loss(engine, fake_logits, None, {})[0], F.softplus(-fake_logits).mean(1))
+
+
+# ---- the shared GAN term (methods/adversarial.GANTerm) in each method that carries one --------------
+
+
+def _toy_method(name: str, **options):
+    teacher = toy_teacher(ring8(), generator_width=32, generator_depth=2, critic_width=32, critic_depth=2)
+    return build_method({"name": name, "gan_weight": 0.3, "gan_critic_weight": 0.7, **options}, teacher, TrainConfig(teacher="exact:ring8", out="unused"))
+
+
+def _toy_batch(seed: int, real: bool = True) -> dict:
+    out = {"prompts": [""] * 16, "cond": {}, "uncond": {}, "rng": BatchRandom(seed), "step": 0}
+    return {**out, "x0": ring8().sample(16, torch.Generator().manual_seed(seed))} if real else out
+
+
+@pytest.mark.parametrize("name", ["dmd2", "sid", "sim", "fdistill"])
+def test_each_gan_method_adds_its_weights_times_the_gan_losses_and_trains_the_head(name):
+    """The GAN draws come after the method's own, so at a second weight only the GAN part moves:
+    L(w2) - L(w1) = (w2 - w1) softplus(-l), whose gradient reaches the generator (x keeps its graph);
+    the critic phase trains the head, on real images, and says so when they are missing."""
+    method = _toy_method(name)
+    generator, head = method.nets["generator"], method.nets["gan_head"]
+    at_03, logs = method.generator_loss(_toy_batch(3))
+    method.gan.weight = 0.8
+    at_08, _ = method.generator_loss(_toy_batch(3))
+    torch.testing.assert_close((at_08 - at_03).mean(), torch.tensor(0.5 * logs["loss_gan_g"]), rtol=1e-4, atol=1e-6)
+    assert logs["loss_gan_g"] > 0
+    grads = torch.autograd.grad((at_08 - at_03).mean(), list(generator.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+    assert method.phase_nets("critic")[-1] == "gan_head"
+    at_07, logs = method.critic_loss(_toy_batch(5))
+    method.gan.critic_weight = 1.2
+    at_12, _ = method.critic_loss(_toy_batch(5))
+    torch.testing.assert_close((at_12 - at_07).mean(), torch.tensor(0.5 * logs["loss_gan_d"]), rtol=1e-4, atol=1e-6)
+    at_12.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    with pytest.raises(ValueError, match="needs real images"):
+        method.critic_loss(_toy_batch(5, real=False))
+
+
+@pytest.mark.parametrize("name", ["dmd2", "sid", "sim"])
+def test_without_a_gan_weight_there_is_no_head_and_no_real_images_are_needed(name):
+    method = _toy_method(name, gan_weight=0.0)
+    assert "gan_head" not in method.nets and method.phase_nets("critic") == ["critic"]
+    loss, logs = method.critic_loss(_toy_batch(5, real=False))
+    assert torch.isfinite(loss).all() and "loss_gan_d" not in logs

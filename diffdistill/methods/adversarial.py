@@ -66,6 +66,39 @@ def drop_nonfinite(loss: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.where(finite, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), int((~finite).sum())
 
 
+class GANTerm:
+    """The diffusion-GAN term as a critic-based method holds it: a head (``nets["gan_head"]``) on the
+    critic's or the teacher's features (``options.gan_features``), ``options.gan_weight`` times the
+    generator's softplus(-l(x~)) and ``options.gan_critic_weight`` times the discriminator loss added to
+    the critic phase's, each x~ noised at its own t ~ ``times``. Off (no head, no extra RNG draws) when
+    ``gan_weight`` is 0, unless ``keep_head`` (f-distill reads its density ratio from the head)."""
+
+    def __init__(self, options, teacher, nets: dict, who: str, keep_head: bool = False, instead: str = "method.gan_weight=0"):
+        self.weight, self.critic_weight, self.who, self.instead = options.gan_weight, options.gan_critic_weight, who, instead
+        self.schedule = teacher.schedule
+        self.head = "gan_head" if self.weight > 0 or keep_head else None  # ScoreEngine's gan_name
+        if self.head:
+            nets[self.head] = make_gan_head(teacher, nets["critic"], options.gan_features, getattr(options, "gan_head", "pooled"))
+
+    def generator_term(self, loss: torch.Tensor, logs: dict, engine, times, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``loss`` plus lambda_G softplus(-l(x~)) per sample, x~ a fresh noising of the generated ``x``."""
+        if self.weight <= 0:
+            return loss
+        gan, _ = generator_gan_loss(engine, *noised(self.schedule, times, x, batch["rng"]), batch["cond"])
+        logs["loss_gan_g"] = gan.mean().item()
+        return loss + self.weight * gan
+
+    def discriminator_term(self, loss: torch.Tensor, logs: dict, engine, times, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``loss`` plus lambda_D times the discriminator loss on the generated ``x`` and the batch's real images."""
+        if self.head is None:
+            return loss
+        real = require_real_images(batch, self.who, self.instead)
+        rng = batch["rng"]
+        disc, gan_logs = discriminator_loss(engine, noised(self.schedule, times, x, rng), noised(self.schedule, times, real, rng), batch["cond"])
+        logs.update(gan_logs)
+        return loss + self.critic_weight * disc
+
+
 # ---- LADD's discriminator: heads on several blocks of the frozen teacher ----------------------------
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
-from diffdistill.methods.adversarial import discriminator_loss, generator_gan_loss, make_gan_head, noised, require_real_images
+from diffdistill.methods.adversarial import GANTerm
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import default_range, distribution_matching_grad, make_regression_pairs, regression_loss, surrogate_loss
 from diffdistill.scores import ScoreEngine, critic_phase_loss, make_critic
@@ -62,9 +62,8 @@ class DMD2:
         self.timesteps = check_timesteps(self.schedule, timesteps)
         self.default_sample_steps = len(self.timesteps)
         self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
-        if options.gan_weight > 0:
-            self.nets["gan_head"] = make_gan_head(teacher, self.nets["critic"], options.gan_features, options.gan_head)
-        self.engine = ScoreEngine(teacher, self.nets, gan_name="gan_head" if options.gan_weight > 0 else None, gan_features=options.gan_features)
+        self.gan = GANTerm(options, teacher, self.nets, "DMD2")
+        self.engine = ScoreEngine(teacher, self.nets, gan_name=self.gan.head, gan_features=options.gan_features)
         self.dm_times = default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)
         self.pairs = make_regression_pairs(teacher, prompts or [""], options.regression_pairs, options.regression_steps, options.guidance,
@@ -93,25 +92,15 @@ class DMD2:
                                                 self.options.normalize, self.options.dm_precision)
         loss = surrogate_loss(x, grad)
         logs["loss_dm"] = loss.mean().item()
-        if self.options.gan_weight > 0:
-            gan, _ = generator_gan_loss(self.engine, *noised(self.schedule, self.critic_times, x, rng), batch["cond"])
-            loss = loss + self.options.gan_weight * gan
-            logs["loss_gan_g"] = gan.mean().item()
-        return loss, logs
+        return self.gan.generator_term(loss, logs, self.engine, self.critic_times, x, batch), logs
 
     def critic_loss(self, batch):
-        rng, n = batch["rng"], len(batch["prompts"])
+        n = len(batch["prompts"])
         with torch.no_grad():
             x = self._student(batch, n)
         loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss)
         logs = {"loss_fake": loss.mean().item()}
-        if self.options.gan_weight > 0:
-            real = require_real_images(batch, "DMD2")
-            disc, gan_logs = discriminator_loss(self.engine, noised(self.schedule, self.critic_times, x, rng),
-                                                noised(self.schedule, self.critic_times, real, rng), batch["cond"])
-            loss = loss + self.options.gan_critic_weight * disc
-            logs.update(gan_logs)
-        return loss, logs
+        return self.gan.discriminator_term(loss, logs, self.engine, self.critic_times, x, batch), logs
 
     def sample(self, noise, cond, uncond, steps, guidance, generator=None):
         return sample_student(self.nets["generator"], self.schedule, self.timesteps, noise, cond, generator)

@@ -30,7 +30,7 @@ import torch
 
 from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
 from diffdistill.guidance import guidance_from_options
-from diffdistill.methods.adversarial import discriminator_loss, drop_nonfinite, make_gan_head, noised, require_real_images
+from diffdistill.methods.adversarial import GANTerm, drop_nonfinite
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import default_range
 from diffdistill.schedules import add_noise
@@ -122,9 +122,9 @@ class FDistill:
         self.default_sample_steps = len(self.timesteps)
         self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
         self.needs_ratio = options.divergence != "rkl"
-        if self.needs_ratio or options.gan_weight > 0:
-            self.nets["gan_head"] = make_gan_head(teacher, self.nets["critic"], options.gan_features)
-        self.engine = ScoreEngine(teacher, self.nets, gan_name="gan_head" if "gan_head" in self.nets else None, gan_features=options.gan_features)
+        self.gan = GANTerm(options, teacher, self.nets, f"f-distill ({options.divergence})", keep_head=self.needs_ratio,
+                           instead="method.divergence=rkl with method.gan_weight=0")
+        self.engine = ScoreEngine(teacher, self.nets, gan_name=self.gan.head, gan_features=options.gan_features)
         self.dm_times = default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)
         self.density_ratio: Callable | None = None  # (x_t, t, cond) -> r; replaces the discriminator (tests: the exact ratio)
@@ -152,8 +152,8 @@ class FDistill:
         w_real, w_fake = self.guidance.draw(n, rng)
         eps = rng.randn_like(x)
         logits = None
-        if "gan_head" in self.nets:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.options.gan_weight > 0):  # graph to x for the GAN term
+        if self.gan.head:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.gan.weight > 0):  # graph to x for the GAN term
                 logits = self.engine.gan_logits(add_noise(self.schedule, x, eps, t), t, cond)
         if self.density_ratio is not None:
             r = self.density_ratio(add_noise(self.schedule, x.detach(), eps, t), t, cond)
@@ -163,26 +163,20 @@ class FDistill:
         grad = weighted_dm_grad(self.engine, x, t, eps, cond, batch["uncond"], w_real, w_fake, h, self.options.normalize)
         loss = dm_surrogate(x, grad, self.options.reduction)
         logs = {"loss_dm": loss.mean().item(), "ratio_mean": float(r.float().mean()), "h_max": float(h.max())}
-        if self.options.gan_weight > 0:
+        if self.gan.weight > 0:  # the GAN term on the logits the ratio came from (same x_t), not a fresh noising
             gan = torch.nn.functional.softplus(-logits)
-            loss = loss + self.options.gan_weight * gan
+            loss = loss + self.gan.weight * gan
             logs["loss_gan_g"] = gan.mean().item()
         return loss, logs
 
     def critic_loss(self, batch):
-        rng, n = batch["rng"], len(batch["prompts"])
+        n = len(batch["prompts"])
         with torch.no_grad():
             x = self._student(batch, n)
         loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss, self.guidance.fake_train)
         loss, dropped = drop_nonfinite(loss)
         logs = {"loss_fake": loss.mean().item(), "nan_dropped": float(dropped)}
-        if "gan_head" in self.nets:
-            real = require_real_images(batch, f"f-distill ({self.options.divergence})", "method.divergence=rkl with method.gan_weight=0")
-            disc, gan_logs = discriminator_loss(self.engine, noised(self.schedule, self.critic_times, x, rng),
-                                                noised(self.schedule, self.critic_times, real, rng), batch["cond"])
-            loss = loss + self.options.gan_critic_weight * disc
-            logs.update(gan_logs)
-        return loss, logs
+        return self.gan.discriminator_term(loss, logs, self.engine, self.critic_times, x, batch), logs
 
     def sample(self, noise, cond, uncond, steps, guidance, generator=None):
         return sample_student(self.nets["generator"], self.schedule, self.timesteps, noise, cond, generator)

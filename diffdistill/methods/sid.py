@@ -42,8 +42,7 @@ import torch
 
 from diffdistill.generator import check_timesteps, generate, sample_student, student_denoiser
 from diffdistill.guidance import guidance_from_options
-from diffdistill.methods.adversarial import (discriminator_loss, drop_nonfinite, generator_gan_loss, make_gan_head, noised,
-                                             require_real_images)
+from diffdistill.methods.adversarial import GANTerm, drop_nonfinite
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import default_range
 from diffdistill.schedules import add_noise
@@ -144,9 +143,8 @@ class SiD:
         self.default_sample_steps = len(self.timesteps)
         self.input_scale = float(self.schedule.sigma(torch.tensor([self.timesteps[0]]))) if options.scale_input else 1.0
         self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
-        if options.gan_weight > 0:
-            self.nets["gan_head"] = make_gan_head(teacher, self.nets["critic"], options.gan_features)
-        self.engine = ScoreEngine(teacher, self.nets, gan_name="gan_head" if options.gan_weight > 0 else None, gan_features=options.gan_features)
+        self.gan = GANTerm(options, teacher, self.nets, "SiDA")
+        self.engine = ScoreEngine(teacher, self.nets, gan_name=self.gan.head, gan_features=options.gan_features)
         self.loss_times = SiDTimesteps(options.sid_t_max) if options.t_sampler == "sid" else default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)
 
@@ -169,27 +167,17 @@ class SiD:
         loss, dropped = sid_generator_loss(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], w_real, w_fake,
                                            self.options.alpha, self.options.normalize)
         logs = {"loss_sid": loss.mean().item(), "nan_dropped": float(dropped)}
-        if self.options.gan_weight > 0:
-            gan, _ = generator_gan_loss(self.engine, *noised(self.schedule, self.critic_times, x, rng), batch["cond"])
-            loss = loss + self.options.gan_weight * gan
-            logs["loss_gan_g"] = gan.mean().item()
-        return loss, logs
+        return self.gan.generator_term(loss, logs, self.engine, self.critic_times, x, batch), logs
 
     def critic_loss(self, batch):
-        rng, n = batch["rng"], len(batch["prompts"])
+        n = len(batch["prompts"])
         with torch.no_grad():
             x = self._student(batch, n)
         loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss, self.guidance.fake_train,
                                  self.options.critic_uncond_prob)
         loss, dropped = drop_nonfinite(loss)
         logs = {"loss_fake": loss.mean().item(), "nan_dropped": float(dropped)}
-        if self.options.gan_weight > 0:
-            real = require_real_images(batch, "SiDA")
-            disc, gan_logs = discriminator_loss(self.engine, noised(self.schedule, self.critic_times, x, rng),
-                                                noised(self.schedule, self.critic_times, real, rng), batch["cond"])
-            loss = loss + self.options.gan_critic_weight * disc
-            logs.update(gan_logs)
-        return loss, logs
+        return self.gan.discriminator_term(loss, logs, self.engine, self.critic_times, x, batch), logs
 
     def sample(self, noise, cond, uncond, steps, guidance, generator=None):
         return sample_student(self.nets["generator"], self.schedule, self.timesteps, noise * self.input_scale, cond, generator)

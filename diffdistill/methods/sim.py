@@ -20,7 +20,8 @@ gradient is grad_theta E_{x_t ~ sg(q_t)} d(D_r - D_f) in closed form (sign plus)
 this is SiD's loss at alpha = 1; as c grows, c~ L tends to it.
 **Not verified** (the paper's equations were not retrieved; see METHODS.md Sec. 6): c, w(t), the
 t range, guidance and learning rates. The generator takes noise at t = t_max as DMD2's does; the
-fake score trains by denoising score matching.
+fake score trains by denoising score matching. ``gan_weight`` > 0 adds DMD2's GAN term on real images
+(:class:`~diffdistill.methods.adversarial.GANTerm`), which the paper does not have.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
 from diffdistill.guidance import guidance_from_options
-from diffdistill.methods.adversarial import drop_nonfinite
+from diffdistill.methods.adversarial import GANTerm, drop_nonfinite
 from diffdistill.methods.base import register_method
 from diffdistill.methods.dmd import default_range
 from diffdistill.schedules import add_noise
@@ -83,6 +84,9 @@ class SIMOptions:
     critic_lora_rank: int = 0              # 0: full copy of the teacher as the fake score
     student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     ratio: int = 1                         # fake-score updates per generator update
+    gan_weight: float = 0.0                # DMD2's GAN term on real images (not in the SIM paper); 0: data-free SIM
+    gan_critic_weight: float = 1e-2        # weight of the discriminator loss added to the fake score's
+    gan_features: str = "critic"           # critic (the fake score's encoder) | teacher
 
 
 class SIM:
@@ -98,7 +102,8 @@ class SIM:
         self.timesteps = check_timesteps(self.schedule, options.timesteps or [self.schedule.t_max])
         self.default_sample_steps = len(self.timesteps)
         self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
-        self.engine = ScoreEngine(teacher, self.nets)
+        self.gan = GANTerm(options, teacher, self.nets, "SIM")
+        self.engine = ScoreEngine(teacher, self.nets, gan_name=self.gan.head, gan_features=options.gan_features)
         self.loss_times = default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)
 
@@ -106,7 +111,7 @@ class SIM:
         return "generator" if step % (self.options.ratio + 1) == self.options.ratio else "critic"
 
     def phase_nets(self, phase: str) -> list[str]:
-        return ["generator"] if phase == "generator" else ["critic"]
+        return ["generator"] if phase == "generator" else [k for k in ("critic", "gan_head") if k in self.nets]
 
     def _student(self, batch, n):
         return backward_simulation(self.nets["generator"], self.schedule, self.timesteps, batch["cond"], batch["rng"], (n, *self.teacher.latent_shape))
@@ -117,14 +122,16 @@ class SIM:
         t = self.loss_times(self.schedule, n, rng).to(x.device)
         w_real, w_fake = self.guidance.draw(n, rng)
         loss, dropped = sim_generator_loss(self.engine, x, t, rng.randn_like(x), batch["cond"], batch["uncond"], w_real, w_fake, self.options.huber_c)
-        return loss, {"loss_sim": loss.mean().item(), "nan_dropped": float(dropped)}
+        logs = {"loss_sim": loss.mean().item(), "nan_dropped": float(dropped)}
+        return self.gan.generator_term(loss, logs, self.engine, self.critic_times, x, batch), logs
 
     def critic_loss(self, batch):
         with torch.no_grad():
             x = self._student(batch, len(batch["prompts"]))
         loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss, self.guidance.fake_train)
         loss, dropped = drop_nonfinite(loss)
-        return loss, {"loss_fake": loss.mean().item(), "nan_dropped": float(dropped)}
+        logs = {"loss_fake": loss.mean().item(), "nan_dropped": float(dropped)}
+        return self.gan.discriminator_term(loss, logs, self.engine, self.critic_times, x, batch), logs
 
     def sample(self, noise, cond, uncond, steps, guidance, generator=None):
         return sample_student(self.nets["generator"], self.schedule, self.timesteps, noise, cond, generator)
