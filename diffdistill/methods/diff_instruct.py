@@ -40,12 +40,16 @@ class DiffInstructOptions:
     critic_loss: str = "native"            # native (eps-MSE for SD) | x0
     critic_lora_rank: int = 0              # 0: full copy of the teacher as the fake score
     student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
+    gan_weight: float = 0.0                # DMD2's GAN term on real images (not in Diff-Instruct); 0: data-free
+    gan_critic_weight: float = 1e-2        # weight of the discriminator loss added to the fake score's
+    gan_features: str = "critic"           # critic (the fake score's encoder) | teacher
 
 
 @register_method("diff_instruct", DiffInstructOptions)
 def build_diff_instruct(options: DiffInstructOptions, teacher, train_cfg, prompts) -> FDistill:
     method = FDistill(FDistillOptions(
-        divergence="rkl", gan_weight=0.0, ratio_normalization=False, weight_normalization=False, normalize=False, reduction="sum",
+        divergence="rkl", gan_weight=options.gan_weight, gan_critic_weight=options.gan_critic_weight, gan_features=options.gan_features,
+        ratio_normalization=False, weight_normalization=False, normalize=False, reduction="sum",
         timesteps=options.timesteps, ratio=options.ratio, critic_loss=options.critic_loss, critic_lora_rank=options.critic_lora_rank,
         student_lora_rank=options.student_lora_rank,
     ), teacher)
