@@ -75,7 +75,7 @@ def _toy_batch(seed: int, real: bool = True) -> dict:
     return {**out, "x0": ring8().sample(16, torch.Generator().manual_seed(seed))} if real else out
 
 
-@pytest.mark.parametrize("name", ["dmd2", "sid", "sim", "fdistill", "diff_instruct"])
+@pytest.mark.parametrize("name", ["dmd", "dmd2", "sid", "sim", "fdistill", "diff_instruct"])
 def test_each_gan_method_adds_its_weights_times_the_gan_losses_and_trains_the_head(name):
     """The GAN draws come after the method's own, so at a second weight only the GAN part moves:
     L(w2) - L(w1) = (w2 - w1) softplus(-l), whose gradient reaches the generator (x keeps its graph);
@@ -101,7 +101,7 @@ def test_each_gan_method_adds_its_weights_times_the_gan_losses_and_trains_the_he
         method.critic_loss(_toy_batch(5, real=False))
 
 
-@pytest.mark.parametrize("name", ["dmd2", "sid", "sim", "diff_instruct"])
+@pytest.mark.parametrize("name", ["dmd", "dmd2", "sid", "sim", "diff_instruct"])
 def test_without_a_gan_weight_there_is_no_head_and_no_real_images_are_needed(name):
     method = _toy_method(name, gan_weight=0.0)
     assert "gan_head" not in method.nets and method.phase_nets("critic") == ["critic"]

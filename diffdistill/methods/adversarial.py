@@ -77,6 +77,7 @@ class GANTerm:
         self.weight, self.critic_weight, self.who, self.instead = options.gan_weight, options.gan_critic_weight, who, instead
         self.schedule = teacher.schedule
         self.head = "gan_head" if self.weight > 0 or keep_head else None  # ScoreEngine's gan_name
+        self.nets = [self.head] if self.head else []  # what the critic phase trains beside the critic
         if self.head:
             nets[self.head] = make_gan_head(teacher, nets["critic"], options.gan_features, getattr(options, "gan_head", "pooled"))
 

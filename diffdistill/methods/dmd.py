@@ -23,6 +23,7 @@ import torch
 
 from diffdistill.conditioning import encode_prompts
 from diffdistill.generator import backward_simulation, check_timesteps, sample_student, student_denoiser
+from diffdistill.methods.adversarial import GANTerm
 from diffdistill.methods.base import register_method
 from diffdistill.randomness import derive_seed
 from diffdistill.sampling import ddim_sample
@@ -132,6 +133,9 @@ class DMDOptions:
     student_lora_rank: int = 0             # >0: the student is LoRA adapters on the teacher's frozen weights
     normalize: str = "sample"              # DM gradient normalization: sample (DMD) | batch | none
     dm_precision: str = "fp32"             # the DM term's passes: fp32 (outside autocast, x0 in float64; DMD2) | autocast
+    gan_weight: float = 0.0                # DMD2's GAN term on real images (not in DMD); 0: none
+    gan_critic_weight: float = 1e-2        # weight of the discriminator loss added to the critic's
+    gan_features: str = "critic"           # critic (DMD2) | teacher (FastGen)
 
 
 class DMD:
@@ -143,7 +147,8 @@ class DMD:
         t_init = self.schedule.t_max if options.t_init is None else options.t_init
         self.timesteps = check_timesteps(self.schedule, [t_init])
         self.nets = {"generator": student_denoiser(teacher, options.student_lora_rank), "critic": make_critic(teacher, options.critic_lora_rank)}
-        self.engine = ScoreEngine(teacher, self.nets)
+        self.gan = GANTerm(options, teacher, self.nets, "DMD")
+        self.engine = ScoreEngine(teacher, self.nets, gan_name=self.gan.head, gan_features=options.gan_features)
         self.dm_times = default_range(self.schedule, *options.dm_t_range)
         self.critic_times = default_range(self.schedule, *options.critic_t_range)
         self.pairs = make_regression_pairs(teacher, prompts, options.regression_pairs, options.regression_steps, options.guidance, seed) if options.regression_weight > 0 else None
@@ -152,7 +157,7 @@ class DMD:
         return "generator" if step % 2 == 0 else "critic"  # DMD: one fake-score update per generator update
 
     def phase_nets(self, phase: str) -> list[str]:
-        return ["generator"] if phase == "generator" else ["critic"]
+        return ["generator"] if phase == "generator" else ["critic", *self.gan.nets]
 
     def _student(self, batch, n):
         return backward_simulation(self.nets["generator"], self.schedule, self.timesteps, batch["cond"], batch["rng"], (n, *self.teacher.latent_shape))
@@ -169,13 +174,14 @@ class DMD:
             reg = regression_loss(self.nets["generator"], self.pairs, self.timesteps[0], rng, n)
             loss = loss + self.options.regression_weight * reg
             logs["loss_reg"] = reg.mean().item()
-        return loss, logs
+        return self.gan.generator_term(loss, logs, self.engine, self.critic_times, x, batch), logs
 
     def critic_loss(self, batch):
         with torch.no_grad():
             x = self._student(batch, len(batch["prompts"]))
         loss = critic_phase_loss(self.nets["critic"], self.teacher, self.critic_times, x, batch, self.options.critic_loss)
-        return loss, {"loss_fake": loss.mean().item()}
+        logs = {"loss_fake": loss.mean().item()}
+        return self.gan.discriminator_term(loss, logs, self.engine, self.critic_times, x, batch), logs
 
     def sample(self, noise, cond, uncond, steps, guidance, generator=None):
         return sample_student(self.nets["generator"], self.schedule, self.timesteps, noise, cond, generator)

@@ -76,7 +76,7 @@ class DMD2:
         return "generator" if step < 0 or step % (self.options.ratio + 1) == self.options.ratio else "critic"
 
     def phase_nets(self, phase: str) -> list[str]:
-        return ["generator"] if phase == "generator" else [k for k in ("critic", "gan_head") if k in self.nets]
+        return ["generator"] if phase == "generator" else ["critic", *self.gan.nets]
 
     def _student(self, batch, n):
         return backward_simulation(self.nets["generator"], self.schedule, self.timesteps, batch["cond"], batch["rng"], (n, *self.teacher.latent_shape))

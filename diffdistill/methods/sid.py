@@ -153,7 +153,7 @@ class SiD:
         return "generator" if step % (self.options.ratio + 1) == self.options.ratio else "critic"
 
     def phase_nets(self, phase: str) -> list[str]:
-        return ["generator"] if phase == "generator" else [k for k in ("critic", "gan_head") if k in self.nets]
+        return ["generator"] if phase == "generator" else ["critic", *self.gan.nets]
 
     def _student(self, batch, n):
         return student_with_scaled_input(self.nets["generator"], self.schedule, self.timesteps, batch["cond"], batch["rng"],
