@@ -21,7 +21,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/diffdistill quickstart
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -n 2 --dist loadfile -p no:cacheprovider --durations=15
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder -p no:cacheprovider --durations=15
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,6 +6,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The Makefile runs the suite on 2 xdist workers a file at a time, in collection order (--dist loadfile
+# --no-loadscope-reorder). These files hold few tests that run for minutes (2-process runs, the quickstart's
+# recipe): started first, they overlap the many short files instead of starting last beside an idle worker.
+SLOW_FILES_FIRST = ("test_multiprocess.py", "test_zoo.py", "test_reliability.py", "test_trainer.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_unet_dir(tmp_path_factory):
